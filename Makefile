@@ -1,0 +1,30 @@
+# FedCap: `make run` sets up .venv and runs the main job; `make test` runs the test suite.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedcap-installed
+# torch and torchvision first, pinned: this machine serves these builds from its own disk.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fedcap train
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/synthetic_speed.py
+	$(BIN)/python benchmarks/dp_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,83 @@
+"""Checkpoints: a folder with model.safetensors, config.json (model config + metadata), vocab.json.
+
+Files are written to temporary names and moved into place, so an interrupted save never leaves a
+half-written file under a checkpoint name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CaptionerConfig
+from .model import Captioner
+from .vocab import Vocabulary
+
+WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of the plain model (an Opacus wrapper's `_module.` prefix removed), contiguous on CPU."""
+    model = getattr(model, "_module", model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, vocab: Vocabulary,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: CaptionerConfig = getattr(model, "_module", model).config
+    if config.vocab_size != len(vocab):
+        raise ValueError(f"model vocab_size {config.vocab_size} != vocabulary size {len(vocab)}")
+    doc = {"format": "fedcap-checkpoint/1", "model": config.to_dict(), "metadata": metadata or {}}
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(model_state(model), p))
+    _atomic_write(directory / VOCAB, lambda p: vocab.save(p))
+    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(doc, indent=2, sort_keys=True)))
+    return directory
+
+
+def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu"
+                    ) -> tuple[Captioner, Vocabulary, dict[str, Any]]:
+    """-> (model in eval mode, vocabulary, metadata). The encoder-weights file named in the config
+    is not needed: the checkpoint holds every weight."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG, VOCAB):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"checkpoint {directory} has no {name}")
+    try:
+        doc = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint config {directory / CONFIG} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != "fedcap-checkpoint/1":
+        raise ValueError(f"{directory / CONFIG} is not a FedCap checkpoint config (format 'fedcap-checkpoint/1')")
+    config = CaptionerConfig.from_dict({**doc["model"], "encoder_weights": None})
+    vocab = Vocabulary.load(directory / VOCAB)
+    if config.vocab_size != len(vocab):
+        raise ValueError(f"checkpoint {directory}: model vocab_size {config.vocab_size} != vocabulary size {len(vocab)}")
+    model = Captioner(config)
+    state = load_file(str(directory / WEIGHTS))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights {directory / WEIGHTS} do not match its config: {e}") from e
+    return model.to(device).eval(), vocab, doc.get("metadata", {})

@@ -1,0 +1,79 @@
+"""`fedcap`: the command-line front door."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .centralized import CentralizedConfig, run_centralized
+
+    model = {k: v for k, v in {"decoder": args.decoder, "fusion": args.fusion, "encoder": args.encoder,
+                               "encoder_weights": args.encoder_weights}.items() if v is not None}
+    cfg = CentralizedConfig(
+        train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, dp=args.dp, target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
+        target_delta=args.target_delta, max_grad_norm=args.max_grad_norm, beam_size=args.beam_size,
+        meteor=not args.no_meteor, seed=args.seed, device=args.device, model=model)
+    out = args.out or Path("runs") / time.strftime(f"centralized-{'dp' if args.dp else 'nodp'}-%Y%m%d-%H%M%S")
+    run_centralized(cfg, out)
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import image_tensor
+    from .loaders import load_images
+
+    model, vocab, _ = load_checkpoint(args.checkpoint)
+    images = load_images(args.images, image_size=model.config.image_size)
+    for path, text in zip(args.images, model.caption(image_tensor(images), vocab, beam_size=args.beam_size)):
+        print(f"{path}\t{text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedcap", description="Federated DP image captioning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="centralized training on the embedded synthetic dataset")
+    t.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus)")
+    t.add_argument("--target-epsilon", type=float, default=8.0)
+    t.add_argument("--noise-multiplier", type=float, default=None, help="instead of --target-epsilon")
+    t.add_argument("--target-delta", type=float, default=1e-5)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--train-size", type=int, default=4000)
+    t.add_argument("--test-size", type=int, default=500)
+    t.add_argument("--beam-size", type=int, default=3)
+    t.add_argument("--decoder", choices=("lstm", "transformer"))
+    t.add_argument("--fusion", choices=("concat", "add", "attention"))
+    t.add_argument("--encoder", choices=("cnn", "resnet18"))
+    t.add_argument("--encoder-weights", help="local torchvision resnet18 state_dict (resnet18 encoder)")
+    t.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the Java start-up)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    t.add_argument("--out", type=Path, help="run folder (default runs/centralized-...)")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("caption", help="print captions for image files from a checkpoint")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("images", nargs="+", type=Path)
+    c.add_argument("--beam-size", type=int, default=3)
+    c.set_defaults(func=_caption)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"fedcap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Torch datasets over a `CaptionSet`: one item per record (image + one of its captions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .records import CaptionSet
+from .vocab import Vocabulary
+
+
+def image_tensor(images: np.ndarray) -> Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def encode_captions(captions: list[tuple[str, ...]], vocab: Vocabulary, *, max_len: int) -> tuple[Tensor, Tensor]:
+    """-> ids [N, K, max_len] (pad-filled) and counts [N], K = most captions of one image."""
+    k_max = max(len(c) for c in captions)
+    ids = torch.full((len(captions), k_max, max_len), vocab.pad_id, dtype=torch.long)
+    for i, caps in enumerate(captions):
+        for k, text in enumerate(caps):
+            enc = vocab.encode(text, max_len=max_len)
+            ids[i, k, : len(enc)] = torch.tensor(enc)
+    return ids, torch.tensor([len(c) for c in captions])
+
+
+class CaptionDataset(Dataset):
+    """Training view of a CaptionSet. Item i is (image [3, H, W], caption ids [max_len]) where the
+    caption is drawn uniformly from record i's references at every access (torch's global RNG).
+
+    One item per record keeps the record (an image with all its captions) the unit of privacy:
+    under Poisson sampling a record joins a DP-SGD batch at most once.
+    """
+
+    def __init__(self, data: CaptionSet, vocab: Vocabulary, *, max_len: int) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)  # uint8 [N, 3, H, W]
+        self.captions, self.counts = encode_captions(data.captions, vocab, max_len=max_len)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        k = int(torch.randint(int(self.counts[i]), ()))
+        return self.images[i].float().div_(255.0), self.captions[i, k]
+
+
+class CaptionPairs(Dataset):
+    """Evaluation view: every (image, reference caption) pair once, in order."""
+
+    def __init__(self, data: CaptionSet, vocab: Vocabulary, *, max_len: int) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)
+        captions, counts = encode_captions(data.captions, vocab, max_len=max_len)
+        self.pairs = [(i, k) for i in range(len(counts)) for k in range(int(counts[i]))]
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j: int) -> tuple[Tensor, Tensor]:
+        i, k = self.pairs[j]
+        return self.images[i].float().div_(255.0), self.captions[i, k]

@@ -1,0 +1,34 @@
+import warnings
+
+import pytest
+import torch
+
+from shared_model.config import CaptionerConfig
+
+warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+
+
+def tiny_config(**overrides) -> CaptionerConfig:
+    """A captioner small enough for 2 CPU cores; dropout off so gradients are deterministic."""
+    base = dict(vocab_size=30, image_size=32, cnn_channels=(8, 16), d_model=32, num_layers=2, num_heads=2,
+                ffn_dim=32, dropout=0.0, max_len=10)
+    base.update(overrides)
+    return CaptionerConfig(**base)
+
+
+def random_batch(config: CaptionerConfig, batch: int, *, seed: int = 0, lengths=None):
+    """Images in [0, 1] and captions <start> w.. <end> <pad>.. of varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, config.image_size, config.image_size, generator=g)
+    captions = torch.zeros(batch, config.max_len, dtype=torch.long)
+    for i in range(batch):
+        n = lengths[i] if lengths else int(torch.randint(1, config.max_len - 1, (1,), generator=g))
+        captions[i, 0] = 1
+        captions[i, 1: n + 1] = torch.randint(4, config.vocab_size, (n,), generator=g)
+        captions[i, n + 1] = 2
+    return images, captions
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

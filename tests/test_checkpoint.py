@@ -1,0 +1,63 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared_model.checkpoint import load_checkpoint, save_checkpoint
+from shared_model.cli import main
+from shared_model.data import image_tensor
+from shared_model.model import Captioner
+from shared_model.synthetic import generate_scenes, synthetic_vocabulary
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "lstm"])
+def test_reloaded_model_gives_identical_captions(tmp_path, decoder):
+    vocab = synthetic_vocabulary()
+    model = Captioner(tiny_config(vocab_size=len(vocab), decoder=decoder)).eval()
+    with torch.no_grad():  # move away from the initialisation so captions are not all alike
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    data = generate_scenes(6, seed=1, image_size=32)
+    images = image_tensor(data.images)
+    save_checkpoint(tmp_path / "ckpt", model, vocab, metadata={"round": 3})
+    loaded, loaded_vocab, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta == {"round": 3} and loaded_vocab == vocab
+    assert loaded.caption(images, vocab, beam_size=3) == model.caption(images, vocab, beam_size=3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    vocab = synthetic_vocabulary()
+    model = Captioner(tiny_config(vocab_size=len(vocab)))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path / "c", model, vocab)
+    doc = json.loads((tmp_path / "c" / "config.json").read_text())
+    doc["model"]["d_model"] = 64
+    (tmp_path / "c" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="do not match its config"):
+        load_checkpoint(tmp_path / "c")
+    with pytest.raises(ValueError, match="vocab_size 30 != vocabulary size"):
+        save_checkpoint(tmp_path / "d", Captioner(tiny_config()), vocab)
+
+
+def test_caption_command_prints_a_caption_per_image(tmp_path, capsys):
+    vocab = synthetic_vocabulary()
+    model = Captioner(tiny_config(vocab_size=len(vocab))).eval()
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    data = generate_scenes(2, seed=0, image_size=32)
+    paths = []
+    for i, img in enumerate(data.images):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    assert main(["caption", str(tmp_path / "ckpt"), *map(str, paths), "--beam-size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = model.caption(image_tensor(np.stack(data.images)), vocab, beam_size=2)
+    assert lines == [f"{p}\t{c}" for p, c in zip(paths, expected)]
+    assert main(["caption", str(tmp_path / "ckpt"), str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
