@@ -22,6 +22,8 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 ACCOUNTANTS = ("prv", "rdp")
+# torch warns on every backward through Opacus's hooks when the images need no gradient: benign.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
 def check_dp_args(*, max_grad_norm: float, target_delta: float, noise_multiplier: float | None = None,
@@ -56,8 +58,10 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                      sample_rate=sample_rate, steps=steps, accountant=accountant))
+    with warnings.catch_warnings():  # Opacus's RDP search warns when the best order is at the edge
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
 def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, noise_multiplier: float,
@@ -71,9 +75,9 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
 
     check_dp_args(max_grad_norm=max_grad_norm, target_delta=0.5, noise_multiplier=noise_multiplier,
                   accountant=accountant)
-    engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
         module, optimizer, data_loader = engine.make_private(
             module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",

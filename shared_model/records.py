@@ -7,6 +7,7 @@ contributes at most one gradient to any step.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -74,3 +75,14 @@ class CaptionSet:
     def references(self) -> dict[str, list[str]]:
         """image id -> reference captions, the form the metrics take."""
         return {i: list(c) for i, c in zip(self.image_ids, self.captions)}
+
+    def fingerprint(self) -> str:
+        """SHA-256 over ids, captions and pixels: the key under which a site's ledger accumulates
+        privacy loss. Any change to the records gives a new fingerprint; the same data loaded
+        again (another run, a restart) gives the same one."""
+        h = hashlib.sha256(b"fedcap-dataset/1")
+        h.update(repr(self.images.shape).encode())
+        for image_id, caps in zip(self.image_ids, self.captions):
+            h.update(repr((image_id, caps)).encode("utf-8"))
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        return h.hexdigest()
