@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 
 def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader, *, device: torch.device | str,
                 max_physical_batch_size: int | None = None, log: Callable[[str], None] | None = None,
-                log_every: int = 0) -> dict[str, float]:
+                log_every: int = 0, after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over `data_loader`. With an Opacus optimizer and `max_physical_batch_size`, logical
     batches are split by BatchMemoryManager (the optimizer only steps at logical batch ends).
+    `after_step` runs after every real optimizer step (e.g. FedProx's pull to the global weights).
     Returns the mean per-caption loss over examples, examples seen and optimizer steps."""
     model.train()
     is_private = hasattr(optimizer, "noise_multiplier")
@@ -35,7 +36,10 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
             loss.backward()
             optimizer.step()
             skipped = is_private and getattr(optimizer, "_is_last_step_skipped", False)
-            steps += 0 if skipped else 1
+            if not skipped:
+                steps += 1
+                if after_step is not None:
+                    after_step()
             n = images.shape[0]
             total += float(loss.detach()) * n
             examples += n

@@ -1,0 +1,67 @@
+"""A site's records: its train split (the DP-protected dataset) and a held-out split for evaluation.
+
+Simulation: partition `partition-id` of the embedded synthetic train split, cut by the configured
+partitioner, with the site's feature skew. Deployment: the site's own files (`data-dir`,
+`dataset-format` from node_config). Either way the held-out split is chosen deterministically, so
+the train split, and hence its ledger fingerprint, is the same in every round, run and restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from shared_model.records import CaptionSet
+
+HELD_OUT_FRACTION = 0.1
+
+
+def _split_held_out(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
+    """Records whose id hashes into the first decile are held out (at least one, never all)."""
+    buckets = np.array([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) % 10 for i in data.image_ids])
+    held = np.flatnonzero(buckets < HELD_OUT_FRACTION * 10)
+    if len(held) == 0 or len(held) == len(data):
+        held = np.arange(len(data) - max(1, len(data) // 10), len(data))
+    train = np.setdiff1d(np.arange(len(data)), held)
+    if len(train) == 0:
+        raise ValueError(f"site has {len(data)} record(s): too few to keep a held-out split")
+    return data.subset(train), data.subset(held)
+
+
+def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num_partitions: int
+                        ) -> tuple[CaptionSet, CaptionSet]:
+    from shared_model.partition import partition_caption_set
+    from shared_model.skew import apply_feature_skew, site_feature_skews
+    from shared_model.synthetic import load_embedded
+
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
+    seed = int(run_config["seed"])
+    full = load_embedded("train", int(run_config["train-size"]), seed=seed, image_size=int(run_config["image-size"]))
+    site = partition_caption_set(full, num_partitions, method=str(run_config["partitioner"]),
+                                 alpha=float(run_config["dirichlet-alpha"]), seed=seed)[partition_id]
+    if run_config.get("feature-skew", False):
+        profile = site_feature_skews(num_partitions, seed=seed)[partition_id]
+        site.images = apply_feature_skew(site.images, kind=profile["kind"], strength=profile["strength"],
+                                         seed=seed + partition_id)
+    return _split_held_out(site)
+
+
+def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
+    """`data-dir` holds the site's files; `dataset-format` is coco (captions.json + images/),
+    karpathy (dataset.json + images/), csv (captions.csv) or jsonl (captions.jsonl)."""
+    from shared_model.loaders import load_dataset
+
+    if "data-dir" not in node_config:
+        raise ValueError("node_config has no 'data-dir' (start the SuperNode with --node-config \"data-dir=...\")")
+    root = Path(str(node_config["data-dir"]))
+    fmt = str(node_config.get("dataset-format", "coco"))
+    files = {"coco": "captions.json", "karpathy": "dataset.json", "csv": "captions.csv", "jsonl": "captions.jsonl"}
+    if fmt not in files:
+        raise ValueError(f"dataset-format must be one of {tuple(files)}, got {fmt!r}")
+    data = load_dataset(fmt, root / files[fmt], image_dir=root / "images" if fmt in ("coco", "karpathy") else None,
+                        image_size=image_size, skip_bad=bool(node_config.get("skip-bad-records", False)))
+    return _split_held_out(data)

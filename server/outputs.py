@@ -1,0 +1,96 @@
+"""A run's folder: per-round metrics (JSON Lines), a checkpoint per round, and the Markdown summary
+with a plot of CIDEr-D and epsilon per round."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from shared_model.checkpoint import save_checkpoint
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: inf/nan become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunOutputs:
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}, sort_keys=True) + "\n")
+            f.flush()
+
+    def rounds(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def save_checkpoint(self, server_round: int, model, vocab) -> Path:
+        path = save_checkpoint(self.dir / "checkpoints" / f"round-{server_round:04d}", model, vocab,
+                               metadata={"kind": "federated", "server_round": server_round})
+        (self.dir / "checkpoints" / "LATEST").write_text(path.name + "\n")
+        return path
+
+    def write_summary(self, *, run_config: dict[str, Any], site_epsilon: dict[str, float], ended: str,
+                      seconds: float) -> Path:
+        rows = self.rounds()
+        metric_keys = ["BLEU-4", "ROUGE-L", "CIDEr-D", "loss"]
+        lines = ["# FedCap run summary", "", f"- ended: {ended}", f"- wall time: {seconds:.0f} s",
+                 f"- rounds completed: {max((r['round'] for r in rows), default=0)}",
+                 f"- strategy: {run_config.get('strategy')}, DP: {run_config.get('dp')}, "
+                 f"site budget (simulation): epsilon {run_config.get('target-epsilon')}, "
+                 f"delta {run_config.get('target-delta')}", "",
+                 "## Server-side evaluation per round", "",
+                 "| round | " + " | ".join(metric_keys) + " | mean site epsilon |",
+                 "|---" * (len(metric_keys) + 2) + "|"]
+        for r in rows:
+            vals = " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), (int, float)) else "" for k in metric_keys)
+            eps = r.get("train-epsilon", "")
+            lines.append(f"| {r['round']} | {vals} | {eps if isinstance(eps, str) else f'{eps:.3f}'} |")
+        lines += ["", "## Each site's reported cumulative epsilon", "", "| site | epsilon |", "|---|---|"]
+        lines += [f"| {s} | {e:.4f} |" for s, e in sorted(site_epsilon.items())]
+        plot = self._plot(rows)
+        if plot:
+            lines += ["", f"![CIDEr-D and epsilon per round]({plot.name})"]
+        lines.append("")
+        (self.dir / "summary.md").write_text("\n".join(lines), encoding="utf-8")
+        return self.dir / "summary.md"
+
+    def _plot(self, rows: list[dict[str, Any]]) -> Path | None:
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        xs = [r["round"] for r in rows]
+        ax.plot(xs, [r.get("CIDEr-D", float("nan")) for r in rows], "o-", label="CIDEr-D (server)")
+        ax.set_xlabel("round")
+        ax.set_ylabel("CIDEr-D")
+        eps = [r.get("train-epsilon") for r in rows]
+        if any(isinstance(e, (int, float)) and math.isfinite(e) for e in eps):
+            ax2 = ax.twinx()
+            ax2.plot(xs, [e if isinstance(e, (int, float)) else float("nan") for e in eps], "s--", color="tab:red",
+                     label="mean site epsilon")
+            ax2.set_ylabel("epsilon")
+        fig.tight_layout()
+        path = self.dir / "rounds.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
