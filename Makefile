@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedcap-installed
 # torch and torchvision first, pinned: this machine serves these builds from its own disk.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fedcap train
+	$(BIN)/python -m simulations.run
+
+stop:  # stop the local SuperLink that `flwr run` leaves running
+	$(BIN)/python -m simulations.run --stop-superlink
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
-log = logging.getLogger("fedcap.client")
+log = logging.getLogger("flwr")
 
 
 def _model_and_vocab(msg: Message, context: Context):

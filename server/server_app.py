@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 app = ServerApp()
-log = logging.getLogger("fedcap.server")
+log = logging.getLogger("flwr")  # Flower's handler prints it
 
 
 @app.main()

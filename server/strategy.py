@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-log = logging.getLogger("fedcap.server")
+log = logging.getLogger("flwr")  # Flower's handler prints it
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 

@@ -12,18 +12,12 @@ import math
 
 import numpy as np
 
+from .checks import check_int
 from .records import CaptionSet
 
 METHODS = ("iid", "dirichlet", "quantity")
 _MAX_DRAWS = 1000  # Dirichlet label draws tried before min_size is declared out of reach
 
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_alpha(alpha: object) -> float:
@@ -35,8 +29,8 @@ def _check_alpha(alpha: object) -> float:
 
 
 def _check_sizes(n: int, num_partitions: int, min_size: int) -> None:
-    _check_int("num_partitions", num_partitions, 1)
-    _check_int("min_size", min_size, 1)
+    check_int("num_partitions", num_partitions, 1)
+    check_int("min_size", min_size, 1)
     if n < num_partitions * min_size:
         raise ValueError(f"cannot give {num_partitions} partitions at least {min_size} records each "
                          f"from n={n} records")
@@ -48,9 +42,9 @@ def _split_sorted(order: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
 
 def iid_partition(n: int, num_partitions: int, *, seed: int) -> list[np.ndarray]:
     """A random split into near-equal parts (sizes differ by at most one)."""
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, 1)
     _check_sizes(n, num_partitions, 1)
-    order = np.random.default_rng(_check_int("seed", seed, 0)).permutation(n)
+    order = np.random.default_rng(check_int("seed", seed, 0)).permutation(n)
     return [np.sort(part).astype(np.int64) for part in np.array_split(order, num_partitions)]
 
 
@@ -63,7 +57,7 @@ def dirichlet_label_partition(labels: np.ndarray, num_partitions: int, *, alpha:
         raise TypeError(f"labels must be a 1-D integer array, got {labels.dtype} of shape {labels.shape}")
     _check_sizes(len(labels), num_partitions, min_size)
     alpha = _check_alpha(alpha)
-    rng = np.random.default_rng(_check_int("seed", seed, 0))
+    rng = np.random.default_rng(check_int("seed", seed, 0))
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(_MAX_DRAWS):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
@@ -83,10 +77,10 @@ def dirichlet_label_partition(labels: np.ndarray, num_partitions: int, *, alpha:
 def quantity_skew_partition(n: int, num_partitions: int, *, alpha: float, seed: int,
                             min_size: int = 1) -> list[np.ndarray]:
     """Quantity skew: min_size records per site, the rest shared with proportions ~ Dirichlet(alpha)."""
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, 1)
     _check_sizes(n, num_partitions, min_size)
     alpha = _check_alpha(alpha)
-    rng = np.random.default_rng(_check_int("seed", seed, 0))
+    rng = np.random.default_rng(check_int("seed", seed, 0))
     order = rng.permutation(n)
     shares = rng.dirichlet(np.full(num_partitions, alpha))
     sizes = min_size + rng.multinomial(n - num_partitions * min_size, shares)

@@ -15,18 +15,14 @@ from typing import Callable
 
 import numpy as np
 
+from .checks import check_int
+
 SKEW_KINDS = ("none", "colour_cast", "noise", "blur")
 _MAX_NOISE_STD = 50.0
 _MAX_BLUR_SIGMA = 2.0
 _CHUNK = 256  # images processed at a time, to bound float32 temporaries
 _SITE_STRENGTHS = (0.3, 0.8)  # range of strengths that site_feature_skews draws from
 
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_images(images: np.ndarray) -> None:
@@ -77,7 +73,7 @@ def apply_feature_skew(images: np.ndarray, *, kind: str, strength: float, seed: 
         raise TypeError(f"strength must be a number, got {type(strength).__name__}")
     if not 0.0 <= strength <= 1.0:  # also rejects nan
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if kind == "none" or strength == 0:
         return images.copy()
     rng = np.random.default_rng(seed)
@@ -94,8 +90,8 @@ def apply_feature_skew(images: np.ndarray, *, kind: str, strength: float, seed: 
 def site_feature_skews(num_sites: int, *, seed: int) -> list[dict]:
     """One {"kind", "strength"} profile per site: site 0 is unskewed, the others cycle the
     skew kinds in a seeded order with strengths drawn from [0.3, 0.8] (two decimals)."""
-    _check_int("num_sites", num_sites, 1)
-    _check_int("seed", seed, 0)
+    check_int("num_sites", num_sites, 1)
+    check_int("seed", seed, 0)
     rng = np.random.default_rng(seed)
     kinds = [SKEW_KINDS[1:][i] for i in rng.permutation(len(SKEW_KINDS) - 1)]
     profiles = [{"kind": "none", "strength": 0.0}]

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .checks import check_int
 from .records import CaptionSet
 from .vocab import Vocabulary, tokenize
 
@@ -96,13 +97,6 @@ class _Object(NamedTuple):
     row: int
     col: int
 
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _phrase(obj: _Object, form: str) -> str:
@@ -173,9 +167,9 @@ def _draw(image: np.ndarray, obj: _Object, jitter: np.ndarray) -> None:
 
 def generate_scenes(n: int, *, seed: int, image_size: int = 64, label_attribute: str = "shape") -> CaptionSet:
     """n seeded scenes with four captions each; labels are the primary object's shape or colour index."""
-    n = _check_int("n", n, 1)
-    seed = _check_int("seed", seed, 0)
-    image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE)
+    n = check_int("n", n, 1)
+    seed = check_int("seed", seed, 0)
+    image_size = check_int("image_size", image_size, MIN_IMAGE_SIZE)
     if label_attribute not in LABEL_ATTRIBUTES:
         raise ValueError(f"label_attribute must be one of {LABEL_ATTRIBUTES}, got {label_attribute!r}")
     rng = np.random.default_rng(seed)
@@ -207,7 +201,7 @@ def split_seed(split: str, seed: int = 0) -> int:
     """The generator seed of an embedded split: distinct per (split, seed), far from small user seeds."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     return int(np.random.SeedSequence((seed, list(SPLITS).index(split))).generate_state(1)[0])
 
 
