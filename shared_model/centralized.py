@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,8 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
     if cfg.dp:
         from .dp import calibrate_noise_multiplier, make_private
 
-        sample_rate = cfg.batch_size / len(train)
-        steps = cfg.epochs * int(round(1 / sample_rate))
+        batches = math.ceil(len(train) / cfg.batch_size)  # Opacus's Poisson loader: sample_rate = 1 / batches
+        sample_rate, steps = 1.0 / batches, cfg.epochs * batches
         noise_multiplier = cfg.noise_multiplier or calibrate_noise_multiplier(
             target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, sample_rate=sample_rate,
             steps=steps, accountant=cfg.accountant)
