@@ -40,20 +40,18 @@ def main(grid: Grid, context: Context) -> None:
     eval_set = load_embedded("test", int(rc["server-eval-size"]), seed=int(rc["seed"]),
                              image_size=model.config.image_size)
     strategy = FedCapStrategy(build_strategy(rc), vocab.itos)
-    history: dict[int, dict] = {}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics, _ = evaluate(model, eval_set, vocab, beam_size=int(rc["eval-beam-size"]), meteor=False)
         row = {"round": server_round, **metrics, "time": now()}
-        eps = [e for e in strategy.site_epsilon.values()]
+        eps = list(strategy.site_epsilon.values())
         if eps:
             row["train-epsilon"] = sum(eps) / len(eps)
             row["max-site-epsilon"] = max(eps)
         outputs.log_round(row)
         if server_round > 0:
             outputs.save_checkpoint(server_round, model, vocab)
-        history[server_round] = row
         log.info("round %d: CIDEr-D %.4f BLEU-4 %.4f loss %.4f", server_round, metrics["CIDEr-D"],
                  metrics["BLEU-4"], metrics["loss"])
         return MetricRecord({k: float(v) for k, v in metrics.items()})
