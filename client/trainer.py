@@ -13,7 +13,6 @@ Order of operations, each a privacy requirement:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from shared_model.accounting import DPSGDEvent
 from shared_model.data import CaptionDataset
-from shared_model.dp import calibrate_noise_multiplier, check_dp_args, make_private, unwrap
+from shared_model.dp import calibrate_noise_multiplier, check_dp_args, make_private, poisson_plan, unwrap
 from shared_model.ledger import PrivacyLedger
 from shared_model.model import Captioner
 from shared_model.records import CaptionSet
@@ -66,9 +65,8 @@ class LocalTraining:
 
 def planned_event(*, num_records: int, training: LocalTraining, privacy: SitePrivacy, num_rounds: int) -> DPSGDEvent:
     """This round's mechanism, from public quantities only (the site's record count, the plan)."""
-    batches = math.ceil(num_records / training.batch_size)  # Opacus: sample_rate = 1 / len(loader)
-    sample_rate = 1.0 / batches
-    steps = training.local_epochs * batches
+    sample_rate, steps = poisson_plan(num_records=num_records, batch_size=training.batch_size,
+                                      epochs=training.local_epochs)
     noise = privacy.noise_multiplier or calibrate_noise_multiplier(
         target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta, sample_rate=sample_rate,
         steps=steps * num_rounds, accountant=privacy.accountant)
@@ -81,7 +79,6 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     """Train `model` in place for one round. Returns metrics for the reply. With `privacy`, raises
     BudgetExhaustedError (nothing trained, nothing recorded) when the budget would be exceeded."""
     torch.manual_seed(seed * 100_003 + server_round)
-    fingerprint = data.fingerprint()
     dataset = CaptionDataset(data, vocab, max_len=model.config.max_len)
     loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True)
     model.to(device).train()
@@ -89,6 +86,7 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr)
     event = None
     if privacy is not None:
+        fingerprint = data.fingerprint()
         event = planned_event(num_records=len(data), training=training, privacy=privacy, num_rounds=num_rounds)
         ledger.check_budget(fingerprint, event, target_epsilon=privacy.target_epsilon,
                             target_delta=privacy.target_delta, accountant=privacy.accountant)
@@ -97,6 +95,7 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
             max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant)
         if abs(loader.sample_rate - event.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus sample_rate {loader.sample_rate} != planned {event.sample_rate}")
+
     def proximal_pull() -> None:  # FedProx's proximal gradient, data-independent: no privacy cost
         with torch.no_grad():
             for p, g in zip(unwrap(model).parameters(), global_weights):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +84,9 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
     engine = None
     noise_multiplier = None
     if cfg.dp:
-        from .dp import calibrate_noise_multiplier, make_private
+        from .dp import calibrate_noise_multiplier, make_private, poisson_plan
 
-        batches = math.ceil(len(train) / cfg.batch_size)  # Opacus's Poisson loader: sample_rate = 1 / batches
-        sample_rate, steps = 1.0 / batches, cfg.epochs * batches
+        sample_rate, steps = poisson_plan(num_records=len(train), batch_size=cfg.batch_size, epochs=cfg.epochs)
         noise_multiplier = cfg.noise_multiplier or calibrate_noise_multiplier(
             target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, sample_rate=sample_rate,
             steps=steps, accountant=cfg.accountant)

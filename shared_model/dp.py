@@ -15,6 +15,7 @@ The model's loss must be a per-example mean (see `model.caption_loss`); Opacus's
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from torch import nn
@@ -41,6 +42,15 @@ def check_dp_args(*, max_grad_norm: float, target_delta: float, noise_multiplier
         raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
     if target_epsilon is not None and not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+
+
+def poisson_plan(*, num_records: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample_rate, steps) of `epochs` epochs under Opacus's Poisson loader, which samples at
+    rate 1 / len(loader) = 1 / ceil(num_records / batch_size) and takes that many steps per epoch."""
+    if num_records < 1 or batch_size < 1 or epochs < 1:
+        raise ValueError(f"num_records, batch_size and epochs must be >= 1, got {num_records}, {batch_size}, {epochs}")
+    batches = math.ceil(num_records / batch_size)
+    return 1.0 / batches, epochs * batches
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
