@@ -110,7 +110,8 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     metrics: dict[str, Any] = {"num-examples": len(data), "train-loss": losses[-1]}
     if privacy is not None:
         record = ledger.append(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint,
-                               event=event, max_grad_norm=privacy.max_grad_norm, target_delta=privacy.target_delta,
+                               event=event, max_grad_norm=privacy.max_grad_norm,
+                               target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
                                accountant=privacy.accountant)
         metrics.update({"epsilon": record["epsilon"], "delta": privacy.target_delta,
                         "noise-multiplier": event.noise_multiplier, "sample-rate": event.sample_rate,

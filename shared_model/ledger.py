@@ -6,8 +6,9 @@ record with the same `dataset_fingerprint`, across rounds, runs and restarts (se
 for the privacy unit, mechanism and accountants).
 
 Record fields: format, run_id, server_round, dataset_fingerprint, sample_rate, noise_multiplier,
-steps, max_grad_norm, target_delta, accountant, epsilon (cumulative for that dataset after this
-record, as the site computed it), time (UTC ISO 8601), prev_hash, hash. `hash` is the SHA-256 of
+steps, max_grad_norm, target_epsilon and target_delta (the site's lifetime budget when the record
+was written), accountant, epsilon (cumulative for that dataset after this record, as the site
+computed it), time (UTC ISO 8601), prev_hash, hash. `hash` is the SHA-256 of
 the record's canonical JSON without `hash`; `prev_hash` is the previous record's hash (64 zeros for
 the first), so an edited, removed, reordered or truncated-then-extended ledger fails `verify`.
 
@@ -33,7 +34,7 @@ from .accounting import ACCOUNTANTS, DPSGDEvent, compute_epsilon
 FORMAT = "fedcap-ledger/1"
 GENESIS = "0" * 64
 FIELDS = ("format", "run_id", "server_round", "dataset_fingerprint", "sample_rate", "noise_multiplier", "steps",
-          "max_grad_norm", "target_delta", "accountant", "epsilon", "time", "prev_hash", "hash")
+          "max_grad_norm", "target_epsilon", "target_delta", "accountant", "epsilon", "time", "prev_hash", "hash")
 
 
 class LedgerError(ValueError):
@@ -125,7 +126,8 @@ class PrivacyLedger:
         return projected
 
     def append(self, *, run_id: str, server_round: int, dataset_fingerprint: str, event: DPSGDEvent,
-               max_grad_norm: float, target_delta: float, accountant: str = "prv") -> dict[str, Any]:
+               max_grad_norm: float, target_epsilon: float, target_delta: float, accountant: str = "prv"
+               ) -> dict[str, Any]:
         """Add one round's record, with the cumulative epsilon over the dataset's whole history."""
         with self._locked():
             records = self.records()
@@ -134,7 +136,8 @@ class PrivacyLedger:
                 "format": FORMAT, "run_id": str(run_id), "server_round": int(server_round),
                 "dataset_fingerprint": dataset_fingerprint, "sample_rate": float(event.sample_rate),
                 "noise_multiplier": float(event.noise_multiplier), "steps": int(event.steps),
-                "max_grad_norm": float(max_grad_norm), "target_delta": float(target_delta), "accountant": accountant,
+                "max_grad_norm": float(max_grad_norm), "target_epsilon": float(target_epsilon),
+                "target_delta": float(target_delta), "accountant": accountant,
                 "epsilon": compute_epsilon([*history, event], target_delta=target_delta, accountant=accountant),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "prev_hash": records[-1]["hash"] if records else GENESIS,

@@ -49,7 +49,8 @@ def test_bad_events_are_refused(bad, match):
 
 def _append(ledger, fingerprint="fp-a", run_id="run-1", server_round=1, steps=20):
     return ledger.append(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint,
-                         event=DPSGDEvent(0.05, 1.0, steps), max_grad_norm=1.0, target_delta=DELTA)
+                         event=DPSGDEvent(0.05, 1.0, steps), max_grad_norm=1.0, target_epsilon=10.0,
+                         target_delta=DELTA)
 
 
 def test_ledger_accumulates_across_rounds_runs_and_restarts(tmp_path):
