@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,34 @@ def _caption(args: argparse.Namespace) -> int:
     for path, text in zip(args.images, model.caption(image_tensor(images), vocab, beam_size=args.beam_size)):
         print(f"{path}\t{text}")
     return 0
+
+
+AUDIT_EXIT_CODES = """exit codes:
+  0  every ledger verified; no failure (warnings allowed unless --strict)
+  1  a failure: a dataset's recomputed epsilon (site's accountant) above its budget, or a record whose
+     recorded epsilon is below the recomputed one; with --strict also any warning (accountants that
+     disagree beyond --tolerance, budget fields that change within a dataset)
+  2  a ledger that cannot be audited (malformed, hash chain broken: edited, removed, reordered or
+     torn record), no ledger found, a missing path or a bad argument
+"""
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+    from .audit_report import format_table, to_json, write_report
+
+    accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
+    result = audit(args.paths, accountants=accountants, tolerance=args.tolerance)
+    print(format_table(result), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        text = json.dumps(to_json(result, strict=args.strict), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+    if args.report:
+        print(f"report: {write_report(result, args.report)}", file=sys.stderr)
+    return result.exit_code(strict=args.strict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("images", nargs="+", type=Path)
     c.add_argument("--beam-size", type=int, default=3)
     c.set_defaults(func=_caption)
+
+    a = sub.add_parser("audit", help="recompute and check the privacy budget spent in site ledgers",
+                       description="Verify site ledgers (hash chain) and recompute each dataset's spent epsilon\n"
+                                   "from its recorded DP-SGD events; recorded epsilons are never trusted.",
+                       epilog=AUDIT_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a ledger file, a site/state folder holding ledger.jsonl, a run folder (sites/*/ledger.jsonl) "
+                        "or a folder of site folders (*/ledger.jsonl); several = a federation")
+    a.add_argument("--accountants", default="prv,rdp,pld", help="comma-separated, among prv, rdp, pld, dp-rdp "
+                                                                 "(default prv,rdp,pld)")
+    a.add_argument("--json", metavar="FILE", help="write the full result as JSON to FILE, or - for stdout "
+                                                  "(the table then goes to stderr)")
+    a.add_argument("--report", type=Path, metavar="DIR", help="write DIR/audit.md and DIR/epsilon.png")
+    a.add_argument("--tolerance", type=float, default=0.02,
+                   help="relative tolerance between accountants (prv vs pld; rdp below them) (default 0.02)")
+    a.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    a.set_defaults(func=_audit)
 
     args = parser.parse_args(argv)
     try:

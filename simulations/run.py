@@ -108,15 +108,13 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
     run_config.update(overrides or {})
     run_config["output-dir"] = str(output_dir.absolute())
     env = flower_env(flwr_home)
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-        config_file = f.name
+    config_file = write_run_config(run_config)
     fed = " ".join(f"{k}={_toml_value(v)}" for k, v in federation.items())
     cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", config_file, "--federation-config", fed]
     lines: list[str] = []
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _pump(proc, lines, stream_to, timeout)
+        pump_output(proc, lines, stream_to, timeout)
     finally:
         os.unlink(config_file)
     log = "".join(lines)
@@ -124,7 +122,7 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
     if not match:
         raise RuntimeError(f"flwr run did not start a run (exit {proc.returncode}):\n{log[-3000:]}")
     run_id = match.group(1)
-    status = _run_status(run_id, env)
+    status = run_status(run_id, env)
     run_dir = output_dir.absolute() / f"run-{run_id}"
     if run_dir.is_dir():
         (run_dir / "scenario.json").write_text(json.dumps(
@@ -134,7 +132,15 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
     return {"run_id": run_id, "status": status, "run_dir": run_dir, "log": log}
 
 
-def _pump(proc: subprocess.Popen, lines: list[str], stream_to, timeout: float) -> None:
+def write_run_config(run_config: dict) -> str:
+    """`run_config` as a temporary TOML file for `flwr run --run-config` (the caller deletes it)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        return f.name
+
+
+def pump_output(proc: subprocess.Popen, lines: list[str], stream_to, timeout: float) -> None:
+    """Collect (and echo) `flwr run --stream` output until it exits; kill it after `timeout` s."""
     import threading
 
     def reader() -> None:
@@ -151,13 +157,15 @@ def _pump(proc: subprocess.Popen, lines: list[str], stream_to, timeout: float) -
     except subprocess.TimeoutExpired:
         proc.kill()
         t.join(5)
-        raise RuntimeError(f"simulation did not finish within {timeout:.0f} s (a run whose min nodes exceed the "
+        raise RuntimeError(f"run did not finish within {timeout:.0f} s (a run whose min nodes exceed the "
                            f"federation size waits forever); log tail:\n{''.join(lines)[-3000:]}") from None
     t.join(5)
 
 
-def _run_status(run_id: str, env: dict[str, str]) -> str:
-    out = subprocess.run(["flwr", "list", "--run-id", run_id, "--format", "json"], env=env, cwd=ROOT,
+def run_status(run_id: str, env: dict[str, str], connection: str | None = None) -> str:
+    """The run's real status from the SuperLink, e.g. 'finished:completed' or 'finished:failed'."""
+    out = subprocess.run(["flwr", "list", *([connection] if connection else []), "--run-id", run_id,
+                          "--format", "json"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     try:
         return json.loads(out.stdout)["runs"][0]["status"]

@@ -1,0 +1,1 @@
+"""Deployment helpers: TLS and node credentials, site data folders, a loopback federation."""

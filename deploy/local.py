@@ -1,0 +1,311 @@
+"""A complete FedCap deployment on one machine, over loopback, exactly as real sites run it.
+
+    python -m deploy.local [--sites 2] [--workdir .fedcap/deploy] [--run-config FILE] [--timeout 3600]
+
+1. credentials: a CA, a SuperLink certificate for 127.0.0.1, one ECDSA key pair per site
+   (deploy.credentials);
+2. site data: one COCO captions folder per site, cut from the embedded data (deploy.site_data);
+3. `flower-superlink` with TLS, `--enable-supernode-auth`, a `--database` file and no runtime
+   dependency install;
+4. `flwr supernode register` of each site's public key;
+5. one `flower-supernode` per site: TLS against the CA, its private key, its own port, and its
+   node_config (`site-name`, `data-dir`, `dataset-format`, `state-dir`, and the site's own budget
+   `target-epsilon`/`target-delta`, which the server cannot override);
+6. `flwr run . <connection> --stream`, bounded by a timeout, then the run's real status from
+   `flwr list`;
+7. every process it started is stopped by PID (with its children), also on error or Ctrl-C.
+
+Everything lives under --workdir: credentials/, sites/site-K/{data,state,flwr-home}/, server/
+(the run folders), logs/, pids/ and the SuperLink's state.db. Real sites run the same commands on
+their own machines (docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from simulations.run import ROOT, flower_env, pump_output, run_status, write_run_config
+
+CONNECTION = "fedcap-deploy"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first found through /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_pids(pids: list[int], *, grace: float = 15.0) -> None:
+    """SIGTERM `pids` and their children, SIGKILL whatever is left after `grace` seconds."""
+    everything = []
+    for pid in pids:
+        everything += [pid, *descendants(pid)]
+    for pid in everything:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in everything):
+        time.sleep(0.2)
+    for pid in everything:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class LoopbackDeployment:
+    """SuperLink + one SuperNode per site on 127.0.0.1, with TLS and node authentication."""
+
+    def __init__(self, workdir: str | Path, *, num_sites: int = 2, target_epsilon: float = 8.0,
+                 target_delta: float = 1e-5, host: str = "127.0.0.1") -> None:
+        if num_sites < 1:
+            raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+        self.workdir = Path(workdir).absolute()
+        self.num_sites, self.host = num_sites, host
+        self.target_epsilon, self.target_delta = float(target_epsilon), float(target_delta)
+        self.creds = self.workdir / "credentials"
+        self.flwr_home = self.workdir / "flwr-home"
+        self.env = flower_env(self.flwr_home)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port: int | None = None
+
+    def site_dir(self, k: int) -> Path:
+        return self.workdir / "sites" / f"site-{k}"
+
+    # -- setup -------------------------------------------------------------------------------
+    def prepare(self, *, train_size: int = 4000, image_size: int = 64, seed: int = 0) -> None:
+        """Credentials and site data folders (kept when they exist: a site's data and ledger persist)."""
+        from .credentials import make_site_key, make_tls
+        from .site_data import export_sites
+
+        if not (self.creds / "server.pem").exists():
+            make_tls(self.creds, [self.host])
+        for k in range(self.num_sites):
+            if not (self.creds / f"site-{k}" / "site.key").exists():
+                make_site_key(self.creds, f"site-{k}")
+        if not all((self.site_dir(k) / "data" / "captions.json").exists() for k in range(self.num_sites)):
+            tmp = self.workdir / "sites-export"
+            for k, folder in enumerate(export_sites(tmp, self.num_sites, train_size=train_size, seed=seed,
+                                                    image_size=image_size)):
+                self.site_dir(k).mkdir(parents=True, exist_ok=True)
+                os.replace(folder, self.site_dir(k) / "data")
+            tmp.rmdir()
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "pids").mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "logs" / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        (self.workdir / "pids" / f"{name}.pid").write_text(str(proc.pid))
+        self.procs[name] = proc
+        return proc
+
+    def _log_tail(self, name: str, chars: int = 2000) -> str:
+        path = self.workdir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+    def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self, *, timeout: float = 120) -> None:
+        """SuperLink up, sites registered, every SuperNode online (or RuntimeError with the logs)."""
+        self.port = free_port(self.host)
+        address = f"{self.host}:{self.port}"
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
+            f'root-certificates = "{self.creds / "ca.crt"}"\n')
+        self._spawn("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", str(self.creds / "ca.crt"),
+            "--ssl-certfile", str(self.creds / "server.pem"), "--ssl-keyfile", str(self.creds / "server.key"),
+            "--enable-supernode-auth", "--database", str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.port)], self.env)
+        self._wait(lambda: self._listening(), "the SuperLink to listen", "superlink", timeout)
+        for k in range(self.num_sites):
+            self.register(k)
+        for k in range(self.num_sites):
+            self.start_site(k)
+        self._wait(lambda: self.online_nodes() >= self.num_sites, f"{self.num_sites} SuperNodes to come online",
+                   "supernode-0", timeout)
+
+    def register(self, k: int) -> None:
+        out = self._flwr("supernode", "register", str(self.creds / f"site-{k}" / "site.pub"), CONNECTION,
+                         "--name", f"site-{k}", "--format", "json")
+        if out.returncode != 0 and "already" not in (out.stdout + out.stderr).lower():
+            raise RuntimeError(f"registering site-{k} failed: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+
+    def node_config(self, k: int) -> str:
+        site = self.site_dir(k)
+        return " ".join([f'site-name="site-{k}"', f'data-dir="{site / "data"}"', 'dataset-format="coco"',
+                         f'state-dir="{site / "state"}"', f"target-epsilon={self.target_epsilon!r}",
+                         f"target-delta={self.target_delta!r}"])
+
+    def start_site(self, k: int) -> subprocess.Popen:
+        env = flower_env(self.site_dir(k) / "flwr-home")
+        return self._spawn(f"supernode-{k}", [
+            "flower-supernode", "--superlink", f"{self.host}:{self.port}",
+            "--root-certificates", str(self.creds / "ca.crt"),
+            "--auth-supernode-private-key", str(self.creds / f"site-{k}" / "site.key"),
+            "--port", str(free_port(self.host)), "--node-config", self.node_config(k)], env)
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def online_nodes(self) -> int:
+        out = self._flwr("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            return sum(n["status"] == "online" for n in json.loads(out.stdout)["nodes"])
+        except (json.JSONDecodeError, KeyError):
+            return 0
+
+    def _wait(self, ready, what: str, log_name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead[0]} exited with code {self.procs[dead[0]].returncode} while waiting "
+                                   f"for {what}; log tail:\n{self._log_tail(dead[0])}")
+            if ready():
+                return
+            time.sleep(1)
+        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}; log tail:\n{self._log_tail(log_name)}")
+
+    # -- a run -------------------------------------------------------------------------------
+    def run(self, run_config: dict | None = None, *, timeout: float = 3600, stream_to=sys.stdout) -> dict:
+        """`flwr run . <connection>`; returns {"run_id", "status", "run_dir", "log"}, or RuntimeError
+        unless the run's status is finished:completed."""
+        config = {"output-dir": str(self.workdir / "server"), "min-train-nodes": self.num_sites,
+                  "min-evaluate-nodes": self.num_sites, "min-available-nodes": self.num_sites, **(run_config or {})}
+        config["output-dir"] = str(Path(str(config["output-dir"])).absolute())
+        config_file = write_run_config(config)
+        lines: list[str] = []
+        proc = subprocess.Popen(["flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config", config_file],
+                                env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            pump_output(proc, lines, stream_to, timeout)
+        finally:
+            os.unlink(config_file)
+        log = "".join(lines)
+        match = re.search(r"Successfully started run (\d+)", log)
+        if not match:
+            raise RuntimeError(f"flwr run did not start a run (exit {proc.returncode}):\n{log[-3000:]}")
+        run_id = match.group(1)
+        status = run_status(run_id, self.env, CONNECTION)
+        if status != "finished:completed":
+            raise RuntimeError(f"run {run_id} ended with status {status!r}; log tail:\n{log[-3000:]}")
+        return {"run_id": run_id, "status": status, "run_dir": Path(config["output-dir"]) / f"run-{run_id}",
+                "log": log}
+
+    def stop(self) -> None:
+        """Stop every process this deployment started (and any left in pids/ by an earlier one)."""
+        pids = {p.pid for p in self.procs.values()}
+        for f in (self.workdir / "pids").glob("*.pid") if (self.workdir / "pids").is_dir() else []:
+            try:
+                pids.add(int(f.read_text()))
+            except ValueError:
+                pass
+            f.unlink()
+        stop_pids(sorted(p for p in pids if _alive(p)))
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+
+    def __enter__(self) -> "LoopbackDeployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".fedcap" / "deploy")
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--train-size", type=int, default=4000, help="records cut into the sites' data folders")
+    parser.add_argument("--target-epsilon", type=float, default=8.0, help="each site's budget (its node_config)")
+    parser.add_argument("--target-delta", type=float, default=1e-5)
+    parser.add_argument("--run-config", type=Path, help="TOML file of run-config overrides")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--stop", action="store_true", help="only stop the processes a previous run left")
+    args = parser.parse_args(argv)
+    deployment = LoopbackDeployment(args.workdir, num_sites=args.sites, target_epsilon=args.target_epsilon,
+                                    target_delta=args.target_delta)
+    if args.stop:
+        deployment.stop()
+        return 0
+    try:
+        overrides = tomllib.loads(args.run_config.read_text()) if args.run_config else {}
+        overrides = overrides.get("tool", {}).get("flwr", {}).get("app", {}).get("config", overrides)
+        with deployment:
+            deployment.prepare(train_size=args.train_size, image_size=int(overrides.get("image-size", 64)))
+            deployment.start()
+            print(f"SuperLink on {deployment.host}:{deployment.port} (TLS, node authentication); "
+                  f"{args.sites} SuperNodes online", flush=True)
+            result = deployment.run(overrides, timeout=args.timeout)
+    except (RuntimeError, ValueError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
+        print(f"deployment failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(f"\nrun {result['run_id']} {result['status']}; server outputs: {result['run_dir']}")
+    for k in range(args.sites):
+        print(f"site-{k} ledger: {deployment.site_dir(k) / 'state' / 'ledger.jsonl'}")
+    print(f"process logs: {deployment.workdir / 'logs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Deployment: credentials, COCO site folders, and a real loopback federation (SuperLink with TLS,
+node authentication and a database; one authenticated SuperNode per site; `flwr run . <connection>`)."""
+
+import json
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from deploy.credentials import make_site_key, make_tls
+from deploy.local import LoopbackDeployment, _alive, free_port
+from deploy.site_data import export_sites
+from shared_model.ledger import PrivacyLedger
+from shared_model.loaders import load_dataset
+from shared_model.synthetic import load_embedded
+
+TINY = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "image-size": 32, "model-d-model": 32,
+        "model-num-heads": 2, "model-ffn-dim": 32, "model-dropout": 0.0, "server-eval-size": 30,
+        "target-epsilon": 100.0}  # the run config's budget must not override the sites' own
+
+
+def test_tls_certificate_names_the_hosts_and_is_signed_by_the_ca(tmp_path):
+    paths = make_tls(tmp_path, ["127.0.0.1", "superlink.example.org"])
+    ca = x509.load_pem_x509_certificate(paths["ca_cert"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
+    assert oct(paths["server_key"].stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(FileExistsError, match="server.pem|ca"):
+        make_tls(tmp_path, ["127.0.0.1"])
+    with pytest.raises(ValueError, match="without port"):
+        make_tls(tmp_path / "other", ["127.0.0.1:9092"])
+
+
+def test_site_key_is_an_openssh_ecdsa_pair(tmp_path):
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    private, public = make_site_key(tmp_path, "site-0")
+    key = load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key.curve, ec.SECP384R1)
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+    with pytest.raises(ValueError, match="plain folder name"):
+        make_site_key(tmp_path, "../escape")
+
+
+def test_exported_site_folders_load_back_unchanged(tmp_path):
+    folders = export_sites(tmp_path, 2, train_size=60, partitioner="iid", image_size=32)
+    full = load_embedded("train", 60, image_size=32)
+    loaded = [load_dataset("coco", f / "captions.json", image_dir=f / "images", image_size=32) for f in folders]
+    assert sum(len(d) for d in loaded) == 60
+    by_caption = {c: img for img, c in zip(full.images, full.captions)}
+    for d in loaded:
+        for img, caps in zip(d.images, d.captions):
+            np.testing.assert_array_equal(img, by_caption[caps])
+    with pytest.raises(FileExistsError, match="captions.json"):
+        export_sites(tmp_path, 2, train_size=60, image_size=32)
+
+
+def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
+    deployment = LoopbackDeployment(tmp_path / "deploy", num_sites=2, target_epsilon=6.0)
+    with deployment:
+        deployment.prepare(train_size=200, image_size=32)
+        deployment.start(timeout=180)
+        result = deployment.run(TINY, timeout=600, stream_to=None)
+
+        # a SuperNode whose key was never registered is refused by the SuperLink
+        make_site_key(deployment.creds, "intruder")
+        stranger = deployment._spawn("intruder", [
+            "flower-supernode", "--superlink", f"127.0.0.1:{deployment.port}",
+            "--root-certificates", str(deployment.creds / "ca.crt"),
+            "--auth-supernode-private-key", str(deployment.creds / "intruder" / "site.key"),
+            "--port", str(free_port()), "--node-config", 'site-name="intruder"', "--max-retries", "0"],
+            deployment.env)
+        stranger.wait(timeout=120)
+        assert stranger.returncode != 0
+        assert deployment.online_nodes() == 2
+        pids = [p.pid for p in deployment.procs.values()]
+
+    assert not any(_alive(pid) for pid in pids), "a deployment process outlived stop()"
+    run_dir = result["run_dir"]
+    assert (run_dir / "checkpoints" / "round-0002" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0002"
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for k in range(2):
+        records = PrivacyLedger(deployment.site_dir(k) / "state" / "ledger.jsonl").records()
+        assert [r["server_round"] for r in records] == [1, 2]
+        assert {r["run_id"] for r in records} == {result["run_id"]}
+        assert all(r["target_epsilon"] == 6.0 for r in records)  # the site's budget, not the run config's
+        assert 0 < records[-1]["epsilon"] <= 6.0
+
