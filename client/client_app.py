@@ -19,7 +19,7 @@ def _model_and_vocab(msg: Message, context: Context):
     from shared_model.vocab import Vocabulary
 
     config = msg.content["config"]
-    vocab = Vocabulary(list(config["vocab"])[4:])
+    vocab = Vocabulary.from_dict({"format": "fedcap-vocab/1", "itos": list(config["vocab"])})
     model = Captioner(captioner_config_from_run_config(context.run_config, vocab_size=len(vocab)))
     state = msg.content["arrays"].to_torch_state_dict()
     try:
@@ -69,11 +69,13 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     from shared_model.evaluation import evaluate as evaluate_model
 
-    from .settings import site_data
+    from .settings import site_data, site_name
 
     model, vocab, device = _model_and_vocab(msg, context)
     _, held_out = site_data(context.run_config, context.node_config)
     metrics, _ = evaluate_model(model.to(device), held_out, vocab, beam_size=int(context.run_config["eval-beam-size"]),
                                 device=device, meteor=False)
     metrics["num-examples"] = len(held_out)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics),
+                                       "site": ConfigRecord({"name": site_name(context.node_config)})}),
+                   reply_to=msg)

@@ -7,13 +7,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.records import CaptionSet
+from shared_model.run_folder import run_dir
 
 from .trainer import LocalTraining, SitePrivacy
-
-
-def run_dir(run_config: Mapping[str, Any], run_id: int | str) -> Path:
-    """The run's output folder, shared by the ServerApp and simulated sites."""
-    return Path(str(run_config["output-dir"])).expanduser().absolute() / f"run-{run_id}"
 
 
 def site_name(node_config: Mapping[str, Any]) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -34,7 +33,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from simulations.run import ROOT, flower_env, pump_output, run_status, write_run_config
+from simulations.run import ROOT, flower_env, flwr_run
 
 CONNECTION = "fedcap-deploy"
 
@@ -227,20 +226,7 @@ class LoopbackDeployment:
         config = {"output-dir": str(self.workdir / "server"), "min-train-nodes": self.num_sites,
                   "min-evaluate-nodes": self.num_sites, "min-available-nodes": self.num_sites, **(run_config or {})}
         config["output-dir"] = str(Path(str(config["output-dir"])).absolute())
-        config_file = write_run_config(config)
-        lines: list[str] = []
-        proc = subprocess.Popen(["flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config", config_file],
-                                env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            pump_output(proc, lines, stream_to, timeout)
-        finally:
-            os.unlink(config_file)
-        log = "".join(lines)
-        match = re.search(r"Successfully started run (\d+)", log)
-        if not match:
-            raise RuntimeError(f"flwr run did not start a run (exit {proc.returncode}):\n{log[-3000:]}")
-        run_id = match.group(1)
-        status = run_status(run_id, self.env, CONNECTION)
+        run_id, status, log = flwr_run(config, self.env, timeout=timeout, stream_to=stream_to, connection=CONNECTION)
         if status != "finished:completed":
             raise RuntimeError(f"run {run_id} ended with status {status!r}; log tail:\n{log[-3000:]}")
         return {"run_id": run_id, "status": status, "run_dir": Path(config["output-dir"]) / f"run-{run_id}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,21 +25,27 @@ class RunOutputs:
         self.dir = run_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.federated_path = self.dir / "federated.jsonl"
 
     def log_round(self, row: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}, sort_keys=True) + "\n")
-            f.flush()
+        _append_jsonl(self.metrics_path, row)
+
+    def log_federated(self, server_round: int, per_site: dict[str, dict[str, float]],
+                      aggregated: dict[str, float]) -> None:
+        """Federated evaluation: each site's held-out metrics and their weighted mean."""
+        _append_jsonl(self.federated_path, {"round": server_round, "time": now(), "mean": aggregated,
+                                            "sites": per_site})
 
     def rounds(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return _read_jsonl(self.metrics_path)
 
     def save_checkpoint(self, server_round: int, model, vocab) -> Path:
         path = save_checkpoint(self.dir / "checkpoints" / f"round-{server_round:04d}", model, vocab,
                                metadata={"kind": "federated", "server_round": server_round})
-        (self.dir / "checkpoints" / "LATEST").write_text(path.name + "\n")
+        latest = self.dir / "checkpoints" / "LATEST"
+        tmp = latest.with_name(".LATEST.tmp")
+        tmp.write_text(path.name + "\n")
+        os.replace(tmp, latest)  # never a torn or empty LATEST
         return path
 
     def write_summary(self, *, run_config: dict[str, Any], site_epsilon: dict[str, float], ended: str,
@@ -57,6 +64,14 @@ class RunOutputs:
             vals = " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), (int, float)) else "" for k in metric_keys)
             eps = r.get("train-epsilon", "")
             lines.append(f"| {r['round']} | {vals} | {eps if isinstance(eps, str) else f'{eps:.3f}'} |")
+        federated = _read_jsonl(self.federated_path)
+        if federated:
+            lines += ["", "## Federated evaluation (each site's held-out split)", "",
+                      "| round | site | " + " | ".join(metric_keys) + " | records |", "|---" * (len(metric_keys) + 3) + "|"]
+            for r in federated:
+                for site, m in [*sorted(r["sites"].items()), ("weighted mean", r["mean"])]:
+                    vals = " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "" for k in metric_keys)
+                    lines.append(f"| {r['round']} | {site} | {vals} | {int(m.get('num-examples', 0)) or ''} |")
         lines += ["", "## Each site's reported cumulative epsilon", "", "| site | epsilon |", "|---|---|"]
         lines += [f"| {s} | {e:.4f} |" for s, e in sorted(site_epsilon.items())]
         plot = self._plot(rows)
@@ -90,6 +105,24 @@ class RunOutputs:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(_clean_tree(row), sort_keys=True) + "\n")
+        f.flush()
+
+
+def _clean_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clean_tree(v) for k, v in value.items()}
+    return _clean(value)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def now() -> str:

@@ -17,29 +17,31 @@ log = logging.getLogger("flwr")  # Flower's handler prints it
 def main(grid: Grid, context: Context) -> None:
     import torch
 
-    from client.settings import run_dir
     from shared_model.checkpoint import load_checkpoint
     from shared_model.config import captioner_config_from_run_config
     from shared_model.evaluation import evaluate
     from shared_model.model import Captioner
-    from shared_model.synthetic import load_embedded, synthetic_vocabulary
+    from shared_model.run_folder import run_dir
 
     from .outputs import RunOutputs, now
+    from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, NoSiteCanTrain, build_strategy
 
     t0 = time.perf_counter()
     rc = context.run_config
     outputs = RunOutputs(run_dir(rc, context.run_id))
     resume = str(rc.get("resume-from", ""))
+    vocab = server_vocabulary(rc)  # operator-supplied or embedded; never pooled from site captions
     if resume:
-        model, vocab, _ = load_checkpoint(resume)
+        model, saved_vocab, _ = load_checkpoint(resume)
+        if saved_vocab != vocab and str(rc.get("vocab-file", "")):
+            raise ValueError(f"vocab-file {rc['vocab-file']} differs from the vocabulary of resume-from {resume}")
+        vocab = saved_vocab
     else:
-        vocab = synthetic_vocabulary()  # the embedded, public vocabulary; never pooled from site captions
         torch.manual_seed(int(rc["seed"]))
         model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(vocab)))
-    eval_set = load_embedded("test", int(rc["server-eval-size"]), seed=int(rc["seed"]),
-                             image_size=model.config.image_size)
-    strategy = FedCapStrategy(build_strategy(rc), vocab.itos)
+    eval_set = server_eval_set(rc, image_size=model.config.image_size)
+    strategy = FedCapStrategy(build_strategy(rc), vocab.itos, on_evaluate=outputs.log_federated)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

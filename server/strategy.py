@@ -57,9 +57,11 @@ class FedCapStrategy(Strategy):
     """Wraps any Flower strategy. Before delegating `aggregate_train` it drops replies that are
     budget-exhausted refusals (no weights) or malformed updates, logging each with its reason, and
     records each site's reported cumulative epsilon. Raises NoSiteCanTrain when every reply of a
-    round was a budget refusal."""
+    round was a budget refusal. Federated evaluation: each site's held-out metrics are passed to
+    `on_evaluate(server_round, per_site, aggregated)` beside the inner strategy's weighted mean."""
 
-    def __init__(self, inner: Strategy, vocab_words: list[str]) -> None:
+    def __init__(self, inner: Strategy, vocab_words: list[str], on_evaluate=None) -> None:
+        self.on_evaluate = on_evaluate
         self.inner = inner
         self.vocab_words = vocab_words
         self.reference: dict[str, np.ndarray] = {}
@@ -117,4 +119,15 @@ class FedCapStrategy(Strategy):
         return self.inner.aggregate_train(server_round, kept)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        replies = list(replies)
+        per_site: dict[str, dict[str, float]] = {}
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content:
+                continue
+            site = str(msg.content["site"]["name"]) if "site" in msg.content else f"node-{msg.metadata.src_node_id}"
+            per_site[site] = {k: float(v) for k, v in msg.content["metrics"].items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        aggregated = self.inner.aggregate_evaluate(server_round, replies)
+        if self.on_evaluate is not None:
+            self.on_evaluate(server_round, per_site, dict(aggregated) if aggregated else {})
+        return aggregated

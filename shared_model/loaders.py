@@ -156,6 +156,22 @@ def load_dataset(fmt: str, path: str | Path, *, image_dir: str | Path | None = N
     return load_karpathy(path, image_dir, split=split, image_size=image_size, skip_bad=skip_bad)
 
 
+FOLDER_FILES = {"coco": "captions.json", "karpathy": "dataset.json", "csv": "captions.csv", "jsonl": "captions.jsonl"}
+
+
+def load_dataset_folder(fmt: str, root: str | Path, *, split: str = "train", image_size: int = 64,
+                        skip_bad: bool = False) -> CaptionSet:
+    """A dataset folder: coco (captions.json + images/), karpathy (dataset.json + images/), csv
+    (captions.csv) or jsonl (captions.jsonl), image paths relative to the folder."""
+    if fmt not in FOLDER_FILES:
+        raise ValueError(f"dataset format must be one of {tuple(FOLDER_FILES)}, got {fmt!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    return load_dataset(fmt, root / FOLDER_FILES[fmt], image_dir=root / "images" if fmt in ("coco", "karpathy") else root,
+                        split=split, image_size=image_size, skip_bad=skip_bad)
+
+
 def load_images(paths: Iterable[str | Path], *, image_size: int = 64) -> np.ndarray:
     """uint8 [N, image_size, image_size, 3] RGB from image files, e.g. new images to caption."""
     _check_image_size(image_size)

@@ -27,10 +27,35 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FEDERATION = {"num-supernodes": 4, "client-resources-num-cpus": 1}
 
 
+def local_superlink_ports(flwr_home: Path) -> tuple[int, int]:
+    """The ports of this FLWR_HOME's local SuperLink (HTTP API, Control API), chosen free once and
+    kept in FLWR_HOME/fedcap-ports.json. Flower's fixed default (39091) would make every FLWR_HOME
+    share, and stop, one SuperLink."""
+    path = flwr_home / "fedcap-ports.json"
+    try:
+        ports = json.loads(path.read_text())
+        return int(ports["http"]), int(ports["control"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    import socket
+
+    found = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            found.append(s.getsockname()[1])
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"http": found[0], "control": found[1]}))
+    return found[0], found[1]
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
+    http_port, control_port = local_superlink_ports(flwr_home)
     env.update({
         "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -107,10 +132,25 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
     run_config, federation = load_scenario(scenarios)
     run_config.update(overrides or {})
     run_config["output-dir"] = str(output_dir.absolute())
-    env = flower_env(flwr_home)
-    config_file = write_run_config(run_config)
     fed = " ".join(f"{k}={_toml_value(v)}" for k, v in federation.items())
-    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", config_file, "--federation-config", fed]
+    run_id, status, log = flwr_run(run_config, flower_env(flwr_home), timeout=timeout, stream_to=stream_to,
+                                   extra_args=["--federation-config", fed])
+    run_dir = output_dir.absolute() / f"run-{run_id}"
+    if run_dir.is_dir():
+        (run_dir / "scenario.json").write_text(json.dumps(
+            {"scenarios": [str(s) for s in scenarios], "run-config": run_config, "federation": federation}, indent=2))
+    if status != "finished:completed":
+        raise RuntimeError(f"run {run_id} ended with status {status!r}; log tail:\n{log[-3000:]}")
+    return {"run_id": run_id, "status": status, "run_dir": run_dir, "log": log}
+
+
+def flwr_run(run_config: dict, env: dict[str, str], *, timeout: float, stream_to, connection: str | None = None,
+             extra_args: list[str] = ()) -> tuple[str, str, str]:
+    """`flwr run . [connection] --stream` with `run_config`, bounded by `timeout`; returns
+    (run id, the run's real status from `flwr list`, the streamed log)."""
+    config_file = write_run_config(run_config)
+    cmd = ["flwr", "run", str(ROOT), *([connection] if connection else []), "--stream", "--run-config", config_file,
+           *extra_args]
     lines: list[str] = []
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -121,15 +161,7 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
     match = re.search(r"Successfully started run (\d+)", log)
     if not match:
         raise RuntimeError(f"flwr run did not start a run (exit {proc.returncode}):\n{log[-3000:]}")
-    run_id = match.group(1)
-    status = run_status(run_id, env)
-    run_dir = output_dir.absolute() / f"run-{run_id}"
-    if run_dir.is_dir():
-        (run_dir / "scenario.json").write_text(json.dumps(
-            {"scenarios": [str(s) for s in scenarios], "run-config": run_config, "federation": federation}, indent=2))
-    if status != "finished:completed":
-        raise RuntimeError(f"run {run_id} ended with status {status!r}; log tail:\n{log[-3000:]}")
-    return {"run_id": run_id, "status": status, "run_dir": run_dir, "log": log}
+    return match.group(1), run_status(match.group(1), env, connection), log
 
 
 def write_run_config(run_config: dict) -> str:

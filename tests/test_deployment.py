@@ -10,10 +10,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy.credentials import make_site_key, make_tls
 from deploy.local import LoopbackDeployment, _alive, free_port
-from deploy.site_data import export_sites
+from deploy.site_data import export_sites, write_coco_folder
 from shared_model.ledger import PrivacyLedger
 from shared_model.loaders import load_dataset
-from shared_model.synthetic import load_embedded
+from shared_model.synthetic import load_embedded, synthetic_vocabulary
 
 TINY = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "image-size": 32, "model-d-model": 32,
         "model-num-heads": 2, "model-ffn-dim": 32, "model-dropout": 0.0, "server-eval-size": 30,
@@ -60,11 +60,15 @@ def test_exported_site_folders_load_back_unchanged(tmp_path):
 
 
 def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
+    # the server's own evaluation folder and operator-supplied vocabulary (item 5), as files
+    eval_dir = write_coco_folder(load_embedded("test", 30, image_size=32), tmp_path / "server-eval")
+    synthetic_vocabulary().save(tmp_path / "vocab.json")
+    run_config = {**TINY, "server-eval-data": str(eval_dir), "vocab-file": str(tmp_path / "vocab.json")}
     deployment = LoopbackDeployment(tmp_path / "deploy", num_sites=2, target_epsilon=6.0)
     with deployment:
         deployment.prepare(train_size=200, image_size=32)
         deployment.start(timeout=180)
-        result = deployment.run(TINY, timeout=600, stream_to=None)
+        result = deployment.run(run_config, timeout=600, stream_to=None)
 
         # a SuperNode whose key was never registered is refused by the SuperLink
         make_site_key(deployment.creds, "intruder")
@@ -85,6 +89,8 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0002"
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
+    federated = [json.loads(line) for line in (run_dir / "federated.jsonl").read_text().splitlines()]
+    assert [sorted(r["sites"]) for r in federated] == [["site-0", "site-1"]] * 2  # names from node_config
     for k in range(2):
         records = PrivacyLedger(deployment.site_dir(k) / "state" / "ledger.jsonl").records()
         assert [r["server_round"] for r in records] == [1, 2]

@@ -44,9 +44,16 @@ def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites
     cider = [r["CIDEr-D"] for r in rows]
     assert cider[-1] > cider[0] + 0.1 and rows[-1]["loss"] < rows[0]["loss"]
     assert not (run_dir / "sites").exists()  # non-private: no ledger records
+    federated = [json.loads(line) for line in (run_dir / "federated.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in federated] == [1, 2, 3]
+    assert all(set(r["sites"]) == {"site-0", "site-1"} for r in federated)
+    held_out = [r["sites"]["site-0"]["num-examples"] for r in federated]
+    assert held_out[0] > 0 and len(set(held_out)) == 1  # the same held-out split every round
+    assert federated[-1]["mean"]["CIDEr-D"] > federated[0]["mean"]["CIDEr-D"]
     assert (run_dir / "checkpoints" / "round-0003" / "model.safetensors").is_file()
     summary = (run_dir / "summary.md").read_text()
     assert "ended: completed" in summary and (run_dir / "rounds.png").is_file()
+    assert "| 3 | site-1 |" in summary and "| 3 | weighted mean |" in summary
 
 
 def test_private_simulation_writes_each_site_ledger(tmp_path, flwr_home, sites2):

@@ -1,0 +1,36 @@
+"""What the server owns: the vocabulary it ships with the model and its evaluation set.
+
+The vocabulary is never pooled from site captions: the operator supplies it (`vocab-file`, a
+fedcap-vocab/1 JSON built from public or server-owned text) or the embedded one is used; sites map
+words outside it to <unk>. The evaluation set is `server-eval-data` (a folder in
+`server-eval-format`) or, by default, the embedded test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from shared_model.records import CaptionSet
+from shared_model.vocab import Vocabulary
+
+def server_vocabulary(run_config: Mapping[str, Any]) -> Vocabulary:
+    from shared_model.synthetic import synthetic_vocabulary
+
+    path = str(run_config.get("vocab-file", ""))
+    return Vocabulary.load(Path(path).expanduser()) if path else synthetic_vocabulary()
+
+
+def server_eval_set(run_config: Mapping[str, Any], *, image_size: int) -> CaptionSet:
+    from shared_model.loaders import load_dataset_folder
+    from shared_model.synthetic import load_embedded
+
+    path = str(run_config.get("server-eval-data", ""))
+    size = int(run_config["server-eval-size"])
+    if size < 1:
+        raise ValueError(f"server-eval-size must be >= 1, got {size}")
+    if not path:
+        return load_embedded("test", size, seed=int(run_config["seed"]), image_size=image_size)
+    data = load_dataset_folder(str(run_config.get("server-eval-format", "coco")), Path(path).expanduser(),
+                               split="test", image_size=image_size)
+    return data.subset(range(min(size, len(data))))
