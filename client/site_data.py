@@ -1,9 +1,11 @@
 """A site's records: its train split (the DP-protected dataset) and a held-out split for evaluation.
 
 Simulation: partition `partition-id` of the embedded synthetic train split, cut by the configured
-partitioner, with the site's feature skew. Deployment: the site's own files (`data-dir`,
-`dataset-format` from node_config). Either way the held-out split is chosen deterministically, so
-the train split, and hence its ledger fingerprint, is the same in every round, run and restart.
+partitioner, with the site's feature skew (for a privacy audit, `canary-count` > 0 appends canary
+records to one site's train split: docs/empirical-audit.md). Deployment: the site's own files
+(`data-dir`, `dataset-format` from node_config). Either way the held-out split is chosen
+deterministically, so the train split, and hence its ledger fingerprint, is the same in every round,
+run and restart.
 """
 
 from __future__ import annotations
@@ -47,21 +49,38 @@ def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num
         profile = site_feature_skews(num_partitions, seed=seed)[partition_id]
         site.images = apply_feature_skew(site.images, kind=profile["kind"], strength=profile["strength"],
                                          seed=seed + partition_id)
-    return _split_held_out(site)
+    train, held_out = _split_held_out(site)
+    return _with_canaries(train, run_config, partition_id=partition_id, num_partitions=num_partitions), held_out
+
+
+def _with_canaries(train: CaptionSet, run_config: Mapping[str, Any], *, partition_id: int, num_partitions: int
+                   ) -> CaptionSet:
+    """Privacy audit (docs/empirical-audit.md): with `canary-count` > 0, the site `canary-site`
+    appends to its TRAIN split the canaries whose fair coin (from `canary-seed`) says "in". The
+    held-out split and the server's evaluation set never hold canaries."""
+    count = int(run_config.get("canary-count", 0))
+    if count == 0:
+        return train
+    if count < 0:
+        raise ValueError(f"canary-count must be >= 0, got {count}")
+    canary_site = int(run_config.get("canary-site", 0))
+    if not 0 <= canary_site < num_partitions:
+        raise ValueError(f"canary-site must be in [0, {num_partitions}), got {canary_site}")
+    if partition_id != canary_site:
+        return train
+    from shared_model.canary import append_records, included_canaries
+
+    canaries = included_canaries(count, seed=int(run_config.get("canary-seed", 0)), image_size=train.images.shape[1])
+    return append_records(train, canaries)
 
 
 def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
     """`data-dir` holds the site's files; `dataset-format` is coco (captions.json + images/),
     karpathy (dataset.json + images/), csv (captions.csv) or jsonl (captions.jsonl)."""
-    from shared_model.loaders import load_dataset
+    from shared_model.loaders import load_dataset_folder
 
     if "data-dir" not in node_config:
         raise ValueError("node_config has no 'data-dir' (start the SuperNode with --node-config \"data-dir=...\")")
-    root = Path(str(node_config["data-dir"]))
-    fmt = str(node_config.get("dataset-format", "coco"))
-    files = {"coco": "captions.json", "karpathy": "dataset.json", "csv": "captions.csv", "jsonl": "captions.jsonl"}
-    if fmt not in files:
-        raise ValueError(f"dataset-format must be one of {tuple(files)}, got {fmt!r}")
-    data = load_dataset(fmt, root / files[fmt], image_dir=root / "images" if fmt in ("coco", "karpathy") else None,
-                        image_size=image_size, skip_bad=bool(node_config.get("skip-bad-records", False)))
+    data = load_dataset_folder(str(node_config.get("dataset-format", "coco")), Path(str(node_config["data-dir"])),
+                               image_size=image_size, skip_bad=bool(node_config.get("skip-bad-records", False)))
     return _split_held_out(data)
