@@ -65,13 +65,15 @@ class RunOutputs:
             eps = r.get("train-epsilon", "")
             lines.append(f"| {r['round']} | {vals} | {eps if isinstance(eps, str) else f'{eps:.3f}'} |")
         federated = _read_jsonl(self.federated_path)
-        if federated:
+        if federated:  # the weighted mean every round, each site in the last round
+            last = federated[-1]
+            rows_fed = [(r["round"], "weighted mean", r["mean"]) for r in federated]
+            rows_fed += [(last["round"], site, m) for site, m in sorted(last["sites"].items())]
             lines += ["", "## Federated evaluation (each site's held-out split)", "",
                       "| round | site | " + " | ".join(metric_keys) + " | records |", "|---" * (len(metric_keys) + 3) + "|"]
-            for r in federated:
-                for site, m in [*sorted(r["sites"].items()), ("weighted mean", r["mean"])]:
-                    vals = " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "" for k in metric_keys)
-                    lines.append(f"| {r['round']} | {site} | {vals} | {int(m.get('num-examples', 0)) or ''} |")
+            for rnd, site, m in rows_fed:
+                vals = " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "" for k in metric_keys)
+                lines.append(f"| {rnd} | {site} | {vals} | {int(m.get('num-examples', 0)) or ''} |")
         lines += ["", "## Each site's reported cumulative epsilon", "", "| site | epsilon |", "|---|---|"]
         lines += [f"| {s} | {e:.4f} |" for s, e in sorted(site_epsilon.items())]
         plot = self._plot(rows)

@@ -58,6 +58,7 @@ def _audit(args: argparse.Namespace) -> int:
         if args.json == "-":
             print(text)
         else:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(text + "\n", encoding="utf-8")
     if args.report:
         print(f"report: {write_report(result, args.report)}", file=sys.stderr)

@@ -164,6 +164,9 @@ def test_report_and_json_outputs(run_dir, tmp_path, capsys):
     md = (report / "audit.md").read_text()
     assert "| site-0 | fp-a |" in md and "## Findings" in md and "## site-1" in md and "epsilon.png" in md
     assert (report / "epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json_file = tmp_path / "new-folder" / "audit.json"  # a folder that does not exist yet
+    assert main(["audit", str(run_dir), "--json", str(json_file)]) == 0
+    assert json.loads(json_file.read_text())["sites"] == result["sites"]
 
 
 def test_golden_multi_event_composition(tmp_path):
