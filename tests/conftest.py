@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import pytest
@@ -32,3 +33,25 @@ def random_batch(config: CaptionerConfig, batch: int, *, seed: int = 0, lengths=
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tamper_ledger(path, kind: str) -> None:
+    """Alter a ledger of >= 3 records the way an attacker or a crash would: edit (record 2's noise
+    multiplier), delete (record 2), reorder (records 2 and 3), torn (record 3 cut halfway, no final
+    newline), garbage (a non-JSON line appended)."""
+    lines = path.read_text().splitlines()
+    if kind == "edit":
+        record = json.loads(lines[1])
+        record["noise_multiplier"] = 5.0
+        lines[1] = json.dumps(record, sort_keys=True)
+    elif kind == "delete":
+        del lines[1]
+    elif kind == "reorder":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif kind == "torn":
+        lines[2] = lines[2][: len(lines[2]) // 2]
+    elif kind == "garbage":
+        lines.append("not json")
+    else:
+        raise ValueError(f"unknown tampering {kind!r}")
+    path.write_text("\n".join(lines) + ("" if kind == "torn" else "\n"))

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from conftest import tamper_ledger
 
 from shared_model.accounting import DPSGDEvent, compute_epsilon
 from shared_model.audit import audit, find_ledgers
@@ -99,18 +100,7 @@ def test_datasets_of_one_ledger_are_audited_separately(state_dir, capsys):
                                             ("torn", "line 3: not valid JSON")])
 def test_a_tampered_ledger_fails_its_site_only(run_dir, capsys, tamper, message):
     path = run_dir / "sites/site-0/ledger.jsonl"
-    lines = path.read_text().splitlines()
-    if tamper == "edit":
-        record = json.loads(lines[1])
-        record["noise_multiplier"] = 5.0
-        lines[1] = json.dumps(record, sort_keys=True)
-    elif tamper == "delete":
-        del lines[1]
-    elif tamper == "reorder":
-        lines[1], lines[2] = lines[2], lines[1]
-    else:
-        lines[2] = lines[2][: len(lines[2]) // 2]
-    path.write_text("\n".join(lines) + ("" if tamper == "torn" else "\n"))
+    tamper_ledger(path, tamper)
     assert main(["audit", str(run_dir)]) == 2
     out = capsys.readouterr().out
     assert f"ERROR [malformed-ledger] site-0: ledger {path} {message}" in out
