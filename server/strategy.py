@@ -53,6 +53,11 @@ def check_update(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> No
             raise ValueError(f"update array {key!r} has non-finite values")
 
 
+def _site_of(msg: Message) -> str:
+    """The site name a reply carries (node_config site-name or partition), else its node id."""
+    return str(msg.content["site"]["name"]) if "site" in msg.content else f"node-{msg.metadata.src_node_id}"
+
+
 class FedCapStrategy(Strategy):
     """Wraps any Flower strategy. Before delegating `aggregate_train` it drops replies that are
     budget-exhausted refusals (no weights) or malformed updates, logging each with its reason, and
@@ -92,7 +97,7 @@ class FedCapStrategy(Strategy):
             if msg.has_error():
                 kept.append(msg)  # the inner strategy logs error replies
                 continue
-            site = str(msg.content["site"]["name"]) if "site" in msg.content else f"node-{msg.metadata.src_node_id}"
+            site = _site_of(msg)
             metrics = msg.content["metrics"] if "metrics" in msg.content else {}
             if "epsilon" in metrics:
                 self.site_epsilon[site] = float(metrics["epsilon"])
@@ -124,7 +129,7 @@ class FedCapStrategy(Strategy):
         for msg in replies:
             if msg.has_error() or "metrics" not in msg.content:
                 continue
-            site = str(msg.content["site"]["name"]) if "site" in msg.content else f"node-{msg.metadata.src_node_id}"
+            site = _site_of(msg)
             per_site[site] = {k: float(v) for k, v in msg.content["metrics"].items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
         aggregated = self.inner.aggregate_evaluate(server_round, replies)
