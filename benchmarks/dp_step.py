@@ -12,9 +12,8 @@ import time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared_model.config import CaptionerConfig
-from shared_model.dp import make_private
-from shared_model.model import Captioner
+from shared_model.model import Captioner, CaptionerConfig
+from shared_model.privacy import make_private
 
 
 def seconds_per_step(model, optimizer, batches, device) -> float:

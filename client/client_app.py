@@ -14,9 +14,8 @@ log = logging.getLogger("flwr")
 def _model_and_vocab(msg: Message, context: Context):
     import torch
 
-    from shared_model.config import captioner_config_from_run_config
-    from shared_model.model import Captioner
-    from shared_model.vocab import Vocabulary
+    from shared_model.data import Vocabulary
+    from shared_model.model import Captioner, captioner_config_from_run_config
 
     config = msg.content["config"]
     vocab = Vocabulary.from_dict({"format": "fedcap-vocab/1", "itos": list(config["vocab"])})
@@ -32,8 +31,8 @@ def _model_and_vocab(msg: Message, context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from shared_model.checkpoint import model_state
-    from shared_model.ledger import BudgetExhaustedError, PrivacyLedger
+    from shared_model.model import model_state
+    from shared_model.privacy import BudgetExhaustedError, PrivacyLedger
 
     from .settings import local_training, site_data, site_privacy, site_name, state_dir
     from .trainer import train_round

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.records import CaptionSet
+from shared_model.data import CaptionSet
 from shared_model.run_folder import run_dir
 
 from .trainer import LocalTraining, SitePrivacy

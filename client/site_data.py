@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from shared_model.records import CaptionSet
+from shared_model.data import CaptionSet
 
 HELD_OUT_FRACTION = 0.1
 
@@ -35,9 +35,7 @@ def _split_held_out(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
 
 def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num_partitions: int
                         ) -> tuple[CaptionSet, CaptionSet]:
-    from shared_model.partition import partition_caption_set
-    from shared_model.skew import apply_feature_skew, site_feature_skews
-    from shared_model.synthetic import load_embedded
+    from shared_model.data import apply_feature_skew, load_embedded, partition_caption_set, site_feature_skews
 
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
@@ -68,7 +66,7 @@ def _with_canaries(train: CaptionSet, run_config: Mapping[str, Any], *, partitio
         raise ValueError(f"canary-site must be in [0, {num_partitions}), got {canary_site}")
     if partition_id != canary_site:
         return train
-    from shared_model.canary import append_records, included_canaries
+    from shared_model.evaluation import append_records, included_canaries
 
     canaries = included_canaries(count, seed=int(run_config.get("canary-seed", 0)), image_size=train.images.shape[1])
     return append_records(train, canaries)
@@ -77,7 +75,7 @@ def _with_canaries(train: CaptionSet, run_config: Mapping[str, Any], *, partitio
 def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
     """`data-dir` holds the site's files; `dataset-format` is coco (captions.json + images/),
     karpathy (dataset.json + images/), csv (captions.csv) or jsonl (captions.jsonl)."""
-    from shared_model.loaders import load_dataset_folder
+    from shared_model.data import load_dataset_folder
 
     if "data-dir" not in node_config:
         raise ValueError("node_config has no 'data-dir' (start the SuperNode with --node-config \"data-dir=...\")")

@@ -19,14 +19,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from shared_model.accounting import DPSGDEvent
-from shared_model.data import CaptionDataset
-from shared_model.dp import calibrate_noise_multiplier, check_dp_args, make_private, poisson_plan, unwrap
-from shared_model.ledger import PrivacyLedger
-from shared_model.model import Captioner
-from shared_model.records import CaptionSet
-from shared_model.training import train_epoch
-from shared_model.vocab import Vocabulary
+from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
+from shared_model.model import Captioner, train_epoch
+from shared_model.privacy import DPSGDEvent, PrivacyLedger, check_dp_args, plan_dp_sgd, private_training, unwrap
 
 
 @dataclass(frozen=True)
@@ -65,12 +60,10 @@ class LocalTraining:
 
 def planned_event(*, num_records: int, training: LocalTraining, privacy: SitePrivacy, num_rounds: int) -> DPSGDEvent:
     """This round's mechanism, from public quantities only (the site's record count, the plan)."""
-    sample_rate, steps = poisson_plan(num_records=num_records, batch_size=training.batch_size,
-                                      epochs=training.local_epochs)
-    noise = privacy.noise_multiplier or calibrate_noise_multiplier(
-        target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta, sample_rate=sample_rate,
-        steps=steps * num_rounds, accountant=privacy.accountant)
-    return DPSGDEvent(sample_rate=sample_rate, noise_multiplier=noise, steps=steps)
+    return plan_dp_sgd(num_records=num_records, batch_size=training.batch_size, epochs=training.local_epochs,
+                       plan_epochs=training.local_epochs * num_rounds, noise_multiplier=privacy.noise_multiplier,
+                       target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
+                       accountant=privacy.accountant)
 
 
 def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining,
@@ -90,11 +83,9 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
         event = planned_event(num_records=len(data), training=training, privacy=privacy, num_rounds=num_rounds)
         ledger.check_budget(fingerprint, event, target_epsilon=privacy.target_epsilon,
                             target_delta=privacy.target_delta, accountant=privacy.accountant)
-        engine, model, optimizer, loader = make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=event.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant)
-        if abs(loader.sample_rate - event.sample_rate) > 1e-12:
-            raise RuntimeError(f"Opacus sample_rate {loader.sample_rate} != planned {event.sample_rate}")
+        engine, model, optimizer, loader = private_training(
+            module=model, optimizer=optimizer, data_loader=loader, event=event, max_grad_norm=privacy.max_grad_norm,
+            accountant=privacy.accountant)
 
     def proximal_pull() -> None:  # FedProx's proximal gradient, data-independent: no privacy cost
         with torch.no_grad():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,65 +32,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from simulations.run import ROOT, flower_env, flwr_run
+from shared_model.runners.flower_runtime import ROOT, alive, flower_env, flwr_run, free_port, stop_pids
 
 CONNECTION = "fedcap-deploy"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children first found through /proc's parent links)."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(proc.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purposes
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def stop_pids(pids: list[int], *, grace: float = 15.0) -> None:
-    """SIGTERM `pids` and their children, SIGKILL whatever is left after `grace` seconds."""
-    everything = []
-    for pid in pids:
-        everything += [pid, *descendants(pid)]
-    for pid in everything:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in everything):
-        time.sleep(0.2)
-    for pid in everything:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class LoopbackDeployment:
@@ -241,7 +184,7 @@ class LoopbackDeployment:
             except ValueError:
                 pass
             f.unlink()
-        stop_pids(sorted(p for p in pids if _alive(p)))
+        stop_pids(sorted(p for p in pids if alive(p)))
         for p in self.procs.values():
             try:
                 p.wait(timeout=5)

@@ -6,18 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from shared_model.checkpoint import save_checkpoint
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: inf/nan become strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+from shared_model.model import save_checkpoint
+from shared_model.util import json_safe, utc_now
 
 
 class RunOutputs:
@@ -27,13 +20,18 @@ class RunOutputs:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.federated_path = self.dir / "federated.jsonl"
 
+    def save_run_config(self, run_config: dict[str, Any]) -> Path:
+        path = self.dir / "run_config.json"
+        path.write_text(json.dumps(json_safe(run_config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
     def log_round(self, row: dict[str, Any]) -> None:
         _append_jsonl(self.metrics_path, row)
 
     def log_federated(self, server_round: int, per_site: dict[str, dict[str, float]],
                       aggregated: dict[str, float]) -> None:
         """Federated evaluation: each site's held-out metrics and their weighted mean."""
-        _append_jsonl(self.federated_path, {"round": server_round, "time": now(), "mean": aggregated,
+        _append_jsonl(self.federated_path, {"round": server_round, "time": utc_now(), "mean": aggregated,
                                             "sites": per_site})
 
     def rounds(self) -> list[dict[str, Any]]:
@@ -111,21 +109,11 @@ class RunOutputs:
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(_clean_tree(row), sort_keys=True) + "\n")
+        f.write(json.dumps(json_safe(row), sort_keys=True) + "\n")
         f.flush()
-
-
-def _clean_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _clean_tree(v) for k, v in value.items()}
-    return _clean(value)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -17,19 +17,20 @@ log = logging.getLogger("flwr")  # Flower's handler prints it
 def main(grid: Grid, context: Context) -> None:
     import torch
 
-    from shared_model.checkpoint import load_checkpoint
-    from shared_model.config import captioner_config_from_run_config
     from shared_model.evaluation import evaluate
-    from shared_model.model import Captioner
+    from shared_model.model import Captioner, captioner_config_from_run_config, load_checkpoint
     from shared_model.run_folder import run_dir
 
-    from .outputs import RunOutputs, now
+    from shared_model.util import utc_now
+
+    from .outputs import RunOutputs
     from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, NoSiteCanTrain, build_strategy
 
     t0 = time.perf_counter()
     rc = context.run_config
     outputs = RunOutputs(run_dir(rc, context.run_id))
+    outputs.save_run_config(dict(rc))  # as resolved: every figure reproducible without today's pyproject
     resume = str(rc.get("resume-from", ""))
     vocab = server_vocabulary(rc)  # operator-supplied or embedded; never pooled from site captions
     if resume:
@@ -46,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics, _ = evaluate(model, eval_set, vocab, beam_size=int(rc["eval-beam-size"]), meteor=False)
-        row = {"round": server_round, **metrics, "time": now()}
+        row = {"round": server_round, **metrics, "time": utc_now()}
         eps = list(strategy.site_epsilon.values())
         if eps:
             row["train-epsilon"] = sum(eps) / len(eps)

@@ -3,7 +3,7 @@
 Runs one federated simulation (the real ClientApp and ServerApp through `simulations.run`) in which
 `canary-site` appends to its train split each of M canaries whose fair coin says "in", then scores
 every canary against the final global model, turns the correct membership guesses into an epsilon
-lower bound at 95% confidence (Steinke, Nasr and Jagielski 2023; shared_model/canary.py) and sets it
+lower bound at 95% confidence (Steinke, Nasr and Jagielski 2023; shared_model/privacy/canary_bound.py) and sets it
 beside the theoretical epsilon recomputed from the canary site's ledger. A lower bound above the
 theoretical epsilon is reported as a FAILURE (exit 1). Writes `canary_audit.json` into the run
 folder. `--audit-only RUN_DIR` scores an existing run again without training. See
@@ -18,11 +18,11 @@ import math
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from simulations.run import ROOT, run_simulation, stop_superlink, superlink_pids
+from shared_model.runners.flower_runtime import ROOT, stop_superlink, superlink_pids
+from simulations.run import run_simulation
 
 # What differs from pyproject's defaults: a small federation (2 sites of ~600 records) and enough
 # local epochs that a non-private model memorizes its canaries; DP keeps the default budget
@@ -40,19 +40,16 @@ CONFIDENCE = 0.95
 
 
 def resolved_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(pyproject defaults updated by the run's saved overrides, federation) from scenario.json."""
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        defaults = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    """(the run config as the ServerApp saw it, federation) from the run folder."""
     saved = json.loads((run_dir / "scenario.json").read_text())
-    return {**defaults, **saved["run-config"]}, saved["federation"]
+    return json.loads((run_dir / "run_config.json").read_text()), saved["federation"]
 
 
 def theoretical_epsilon(run_dir: Path, run_config: dict[str, Any], num_sites: int) -> dict[str, Any]:
     """The canary site's epsilon, recomputed from its ledger (compute_epsilon over every record of
     the dataset it trained on), after checking that this dataset is the one holding the canaries."""
     from client.site_data import simulated_site_data
-    from shared_model.accounting import compute_epsilon
-    from shared_model.ledger import PrivacyLedger
+    from shared_model.privacy import PrivacyLedger, compute_epsilon
 
     site = int(run_config["canary-site"])
     path = run_dir / "sites" / f"site-{site}" / "ledger.jsonl"
@@ -77,8 +74,9 @@ def audit_run(run_dir: Path) -> dict[str, Any]:
     """Score the canaries of a finished run against its final checkpoint and bound epsilon."""
     import numpy as np
 
-    from shared_model.canary import audit, canary_scores, draw_membership, make_canaries
-    from shared_model.checkpoint import load_checkpoint
+    from shared_model.evaluation import canary_scores, draw_membership, make_canaries
+    from shared_model.model import load_checkpoint
+    from shared_model.privacy import one_run_audit
 
     run_config, federation = resolved_run_config(run_dir)
     m, seed = int(run_config["canary-count"]), int(run_config["canary-seed"])
@@ -90,7 +88,7 @@ def audit_run(run_dir: Path) -> dict[str, Any]:
     included = draw_membership(m, seed=seed)
     scores = canary_scores(model, canaries, vocab)
     theory = theoretical_epsilon(run_dir, run_config, int(federation["num-supernodes"]))
-    result = audit(scores, included, delta=theory["delta"], confidence=CONFIDENCE)
+    result = one_run_audit(scores, included, delta=theory["delta"], confidence=CONFIDENCE)
     bound, eps = result.epsilon_lower_bound, theory["epsilon"]
     if bound > eps:
         verdict = "FAILURE: the empirical lower bound exceeds the theoretical epsilon"
@@ -138,15 +136,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _stop_and_wait(flwr_home: Path, timeout: float = 30.0) -> None:
-    """Stop the SuperLink this FLWR_HOME started and wait until it is gone, so that a run started
-    right after does not take the dying one for a running one."""
-    stop_superlink(flwr_home)
-    deadline = time.monotonic() + timeout
-    while superlink_pids(flwr_home) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.canary_audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-dp", action="store_true", help="train without DP (the audit's positive control)")
@@ -179,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             finally:
                 if not args.keep_superlink and not running_before:
-                    _stop_and_wait(args.flwr_home.absolute())
+                    stop_superlink(args.flwr_home.absolute())
         run_dir = result["run_dir"]
     try:
         report = audit_run(run_dir)

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from shared_model.config import CaptionerConfig
+from shared_model.model import CaptionerConfig
 
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 

@@ -6,14 +6,12 @@ import shutil
 import pytest
 from conftest import tamper_ledger
 
-from shared_model.accounting import DPSGDEvent, compute_epsilon
-from shared_model.audit import audit, find_ledgers
-from shared_model.cli import main
-from shared_model.ledger import PrivacyLedger, record_hash
+from shared_model.privacy import DPSGDEvent, PrivacyLedger, audit, compute_epsilon, find_ledgers, record_hash
+from shared_model.runners import main
 
 DELTA = 1e-5
-SITE0_EVENT = DPSGDEvent(0.1, 1.0, 10)   # site-0 (prv): run-1 rounds 1-2, run-2 round 1
-SITE1_EVENT = DPSGDEvent(0.05, 1.2, 20)  # site-1 (pld): run-1 rounds 1-2
+SITE0_EVENT = DPSGDEvent(sample_rate=0.1, noise_multiplier=1.0, steps=10)   # site-0 (prv): run-1 rounds 1-2, run-2 round 1
+SITE1_EVENT = DPSGDEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20)  # site-1 (pld): run-1 rounds 1-2
 
 
 def _append(path, event, *, run_id="run-1", server_round=1, fingerprint="fp-a", accountant="prv",
@@ -43,9 +41,9 @@ def run_dir(run_template, tmp_path):
 def state_dir(tmp_path):
     """A deployed site's state dir (rdp): two datasets, the budget of one changes between records."""
     path = tmp_path / "hospital-a" / "ledger.jsonl"
-    _append(path, DPSGDEvent(0.05, 1.0, 20), fingerprint="fp-a", accountant="rdp")
-    _append(path, DPSGDEvent(0.02, 1.3, 50), fingerprint="fp-b", accountant="rdp")
-    _append(path, DPSGDEvent(0.05, 1.0, 20), fingerprint="fp-a", accountant="rdp", run_id="run-2", target_epsilon=12.0)
+    _append(path, DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20), fingerprint="fp-a", accountant="rdp")
+    _append(path, DPSGDEvent(sample_rate=0.02, noise_multiplier=1.3, steps=50), fingerprint="fp-b", accountant="rdp")
+    _append(path, DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20), fingerprint="fp-a", accountant="rdp", run_id="run-2", target_epsilon=12.0)
     return path.parent
 
 
@@ -82,7 +80,7 @@ def test_datasets_of_one_ledger_are_audited_separately(state_dir, capsys):
     a, b = site.datasets
     assert (a.dataset_fingerprint, a.rounds, a.run_ids, b.dataset_fingerprint, b.rounds) == (
         "fp-a", 2, ["run-1", "run-2"], "fp-b", 1)
-    assert a.epsilon["rdp"] == pytest.approx(compute_epsilon([DPSGDEvent(0.05, 1.0, 20)] * 2, target_delta=DELTA,
+    assert a.epsilon["rdp"] == pytest.approx(compute_epsilon([DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20)] * 2, target_delta=DELTA,
                                                              accountant="rdp"), rel=1e-9)
     assert b.epsilon["rdp"] == pytest.approx(PrivacyLedger(state_dir / "ledger.jsonl").records()[1]["epsilon"])
     assert a.target_epsilon == 12.0 and a.remaining == pytest.approx(12.0 - a.spent_epsilon)
@@ -160,7 +158,7 @@ def test_report_and_json_outputs(run_dir, tmp_path, capsys):
 
 
 def test_golden_multi_event_composition(tmp_path):
-    events = [DPSGDEvent(0.02, 1.1, 300), DPSGDEvent(0.05, 0.9, 100)]
+    events = [DPSGDEvent(sample_rate=0.02, noise_multiplier=1.1, steps=300), DPSGDEvent(sample_rate=0.05, noise_multiplier=0.9, steps=100)]
     for rnd, event in enumerate(events, 1):
         _append(tmp_path / "site-0" / "ledger.jsonl", event, server_round=rnd, accountant="rdp")
     (d,) = audit([tmp_path / "site-0"]).sites[0].datasets

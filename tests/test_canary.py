@@ -3,7 +3,6 @@ audit of a run folder (a fabricated one: the real Flower runs are in docs/empiri
 
 import json
 import math
-import tomllib
 
 import numpy as np
 import pytest
@@ -11,15 +10,13 @@ import torch
 
 from client.site_data import simulated_site_data
 from conftest import tiny_config
-from shared_model.accounting import DPSGDEvent, compute_epsilon
-from shared_model.canary import (CAPTION_WORDS, audit, canary_scores, correct_guesses, draw_membership,
-                                 epsilon_lower_bound, guess_counts, included_canaries, make_canaries, p_value)
-from shared_model.checkpoint import save_checkpoint
-from shared_model.data import encode_captions, image_tensor
-from shared_model.ledger import PrivacyLedger
-from shared_model.model import Captioner, caption_loss
-from shared_model.synthetic import load_embedded, synthetic_vocabulary
-from simulations.canary_audit import ROOT, audit_run, main
+from shared_model.data import encode_captions, image_tensor, load_embedded, synthetic_vocabulary
+from shared_model.evaluation import CAPTION_WORDS, canary_scores, draw_membership, included_canaries, make_canaries
+from shared_model.model import Captioner, caption_loss, save_checkpoint
+from shared_model.privacy import (DPSGDEvent, PrivacyLedger, compute_epsilon, correct_guesses, epsilon_lower_bound,
+                                  guess_counts, one_run_audit, p_value)
+from shared_model.runners.flower_runtime import default_run_config
+from simulations.canary_audit import audit_run, main
 
 ALPHA = 0.05
 
@@ -104,14 +101,14 @@ def test_audit_of_perfect_scores_and_bonferroni():
     included = draw_membership(400, seed=3)
     n_in = int(included.sum())
     scores = np.where(included, 1.0, 5.0)
-    result = audit(scores, included, delta=1e-5)
+    result = one_run_audit(scores, included, delta=1e-5)
     k = len(result.tried)
     for g in result.tried:  # perfect separation: wrong only where a side asks for more than it holds
         assert g.correct == min(g.k_plus, n_in) + min(g.k_minus, 400 - n_in)
         assert g.epsilon_lower_bound == pytest.approx(epsilon_lower_bound(m=400, r=g.guesses, v=g.correct,
                                                                           delta=1e-5, alpha=ALPHA / k))
     assert result.epsilon_lower_bound == max(g.epsilon_lower_bound for g in result.tried) > 3
-    single = audit(scores, included, delta=1e-5, pairs=[(result.best.k_plus, result.best.k_minus)])
+    single = one_run_audit(scores, included, delta=1e-5, pairs=[(result.best.k_plus, result.best.k_minus)])
     assert single.epsilon_lower_bound > result.epsilon_lower_bound  # one test: no correction
 
 
@@ -135,9 +132,7 @@ def test_canaries_are_deterministic_and_distinct():
 
 
 def run_config(**kw):
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        base = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    return {**base, "train-size": 120, "image-size": 32, "partitioner": "iid", **kw}
+    return {**default_run_config(), "train-size": 120, "image-size": 32, "partitioner": "iid", **kw}
 
 
 def test_site_data_holds_exactly_the_included_canaries_at_the_canary_site():
@@ -202,7 +197,7 @@ def test_scores_are_per_caption_losses_and_members_score_lower_after_training():
 # ---- auditing a run folder -----------------------------------------------------------------------
 
 def fake_run(tmp_path, *, memorized: bool, noise_multiplier: float):
-    """A run folder as the ServerApp and sites leave it: scenario.json, a final checkpoint, and the
+    """A run folder as the ServerApp and sites leave it: run_config.json, a final checkpoint, and the
     canary site's ledger for the dataset holding its canaries."""
     m, seed = 24, 4
     overrides = {"train-size": 60, "image-size": 32, "partitioner": "iid", "model-max-len": 12,
@@ -211,6 +206,7 @@ def fake_run(tmp_path, *, memorized: bool, noise_multiplier: float):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "scenario.json").write_text(json.dumps({"scenarios": [], "run-config": overrides,
                                                        "federation": {"num-supernodes": 2}}))
+    (run_dir / "run_config.json").write_text(json.dumps(run_config(**overrides)))
     model = tiny_model()
     if memorized:
         memorize(model, included_canaries(m, seed=seed, image_size=32))

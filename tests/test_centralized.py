@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from shared_model.centralized import CentralizedConfig, run_centralized
-from shared_model.checkpoint import load_checkpoint
+from shared_model.model import load_checkpoint
+from shared_model.runners import CentralizedConfig, run_centralized
 
 TINY = dict(image_size=32, cnn_channels=(8, 16), d_model=32, num_heads=2, ffn_dim=32, max_len=16, dropout=0.0)
 

@@ -5,11 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shared_model.checkpoint import load_checkpoint, save_checkpoint
-from shared_model.cli import main
-from shared_model.data import image_tensor
-from shared_model.model import Captioner
-from shared_model.synthetic import generate_scenes, synthetic_vocabulary
+from shared_model.data import generate_scenes, image_tensor, synthetic_vocabulary
+from shared_model.model import Captioner, load_checkpoint, save_checkpoint
+from shared_model.runners import main
 
 from conftest import tiny_config
 

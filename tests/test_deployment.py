@@ -9,11 +9,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy.credentials import make_site_key, make_tls
-from deploy.local import LoopbackDeployment, _alive, free_port
+from deploy.local import LoopbackDeployment
+from shared_model.runners.flower_runtime import alive, free_port
 from deploy.site_data import export_sites, write_coco_folder
-from shared_model.ledger import PrivacyLedger
-from shared_model.loaders import load_dataset
-from shared_model.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.data import load_dataset, load_embedded, synthetic_vocabulary
+from shared_model.privacy import PrivacyLedger
 
 TINY = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "image-size": 32, "model-d-model": 32,
         "model-num-heads": 2, "model-ffn-dim": 32, "model-dropout": 0.0, "server-eval-size": 30,
@@ -83,7 +83,7 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
         assert deployment.online_nodes() == 2
         pids = [p.pid for p in deployment.procs.values()]
 
-    assert not any(_alive(pid) for pid in pids), "a deployment process outlived stop()"
+    assert not any(alive(pid) for pid in pids), "a deployment process outlived stop()"
     run_dir = result["run_dir"]
     assert (run_dir / "checkpoints" / "round-0002" / "model.safetensors").is_file()
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0002"

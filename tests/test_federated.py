@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shared_model.ledger import PrivacyLedger
+from shared_model.privacy import PrivacyLedger
 from simulations.run import run_simulation, stop_superlink
 
 TINY = dict(train_size=300, server_eval_size=30, image_size=32, model_d_model=32, model_num_heads=2,

@@ -5,10 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from shared_model.partition import (dirichlet_label_partition, iid_partition, partition_caption_set,
+from shared_model.data import (dirichlet_label_partition, iid_partition, partition_caption_set,
                                     quantity_skew_partition)
-from shared_model.records import CaptionSet
-from shared_model.synthetic import generate_scenes
+from shared_model.data import CaptionSet, generate_scenes
 
 LABELS = np.random.default_rng(0).integers(0, 5, 2000)
 

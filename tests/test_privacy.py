@@ -6,9 +6,9 @@ import os
 import pytest
 from conftest import tamper_ledger
 
-from shared_model.accounting import ACCOUNTANTS, DPSGDEvent, compute_epsilon
-from shared_model.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
-from shared_model.synthetic import generate_scenes
+from shared_model.data import generate_scenes
+from shared_model.privacy import (ACCOUNTANTS, BudgetExhaustedError, DPSGDEvent, LedgerError, PrivacyLedger,
+                                  compute_epsilon)
 
 DELTA = 1e-5
 
@@ -17,21 +17,21 @@ DELTA = 1e-5
                                                  ("dp-rdp", 2.1014)])
 def test_golden_epsilons(accountant, expected):
     # q = 0.01, sigma = 1.0, 1000 steps, delta 1e-5: values cross-checked between Opacus and dp_accounting
-    eps = compute_epsilon([DPSGDEvent(0.01, 1.0, 1000)], target_delta=DELTA, accountant=accountant)
+    eps = compute_epsilon([DPSGDEvent(sample_rate=0.01, noise_multiplier=1.0, steps=1000)], target_delta=DELTA, accountant=accountant)
     assert eps == pytest.approx(expected, abs=2e-4)
 
 
 @pytest.mark.parametrize("accountant", ACCOUNTANTS)
 def test_accountant_contract(accountant):
     assert compute_epsilon([], target_delta=DELTA, accountant=accountant) == 0.0
-    one = compute_epsilon([DPSGDEvent(0.05, 1.1, 60)], target_delta=DELTA, accountant=accountant)
-    split = compute_epsilon([DPSGDEvent(0.05, 1.1, 20)] * 3, target_delta=DELTA, accountant=accountant)
+    one = compute_epsilon([DPSGDEvent(sample_rate=0.05, noise_multiplier=1.1, steps=60)], target_delta=DELTA, accountant=accountant)
+    split = compute_epsilon([DPSGDEvent(sample_rate=0.05, noise_multiplier=1.1, steps=20)] * 3, target_delta=DELTA, accountant=accountant)
     assert split == pytest.approx(one, rel=1e-6)
-    assert compute_epsilon([DPSGDEvent(0.05, 1.1, 61)], target_delta=DELTA, accountant=accountant) > one
+    assert compute_epsilon([DPSGDEvent(sample_rate=0.05, noise_multiplier=1.1, steps=61)], target_delta=DELTA, accountant=accountant) > one
 
 
 def test_tight_accountants_agree_and_rdp_is_an_upper_bound():
-    events = [DPSGDEvent(0.064, 0.9, 16), DPSGDEvent(0.02, 1.3, 50)]
+    events = [DPSGDEvent(sample_rate=0.064, noise_multiplier=0.9, steps=16), DPSGDEvent(sample_rate=0.02, noise_multiplier=1.3, steps=50)]
     eps = {a: compute_epsilon(events, target_delta=DELTA, accountant=a) for a in ACCOUNTANTS}
     assert eps["prv"] == pytest.approx(eps["pld"], rel=0.02)
     assert eps["rdp"] >= eps["prv"] and eps["dp-rdp"] == pytest.approx(eps["rdp"], rel=1e-3)
@@ -50,7 +50,7 @@ def test_bad_events_are_refused(bad, match):
 
 def _append(ledger, fingerprint="fp-a", run_id="run-1", server_round=1, steps=20):
     return ledger.append(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint,
-                         event=DPSGDEvent(0.05, 1.0, steps), max_grad_norm=1.0, target_epsilon=10.0,
+                         event=DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=steps), max_grad_norm=1.0, target_epsilon=10.0,
                          target_delta=DELTA)
 
 
@@ -60,7 +60,7 @@ def test_ledger_accumulates_across_rounds_runs_and_restarts(tmp_path):
     _append(PrivacyLedger(path), fingerprint="fp-other")  # another dataset: does not count
     second = _append(PrivacyLedger(path), run_id="run-2", server_round=1)  # a new run, a new process
     assert second["epsilon"] > first["epsilon"]
-    expected = compute_epsilon([DPSGDEvent(0.05, 1.0, 20)] * 2, target_delta=DELTA)
+    expected = compute_epsilon([DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20)] * 2, target_delta=DELTA)
     assert second["epsilon"] == pytest.approx(expected)
     assert PrivacyLedger(path).spent_epsilon("fp-a", target_delta=DELTA) == pytest.approx(expected)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -70,7 +70,7 @@ def test_ledger_accumulates_across_rounds_runs_and_restarts(tmp_path):
 
 def test_budget_is_checked_before_training(tmp_path):
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
-    planned = DPSGDEvent(0.05, 1.0, 20)
+    planned = DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20)
     one = ledger.check_budget("fp", planned, target_epsilon=10.0, target_delta=DELTA)
     _append(ledger, fingerprint="fp")
     with pytest.raises(BudgetExhaustedError, match="budget exhausted") as info:

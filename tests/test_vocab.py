@@ -1,6 +1,6 @@
 import pytest
 
-from shared_model.vocab import Vocabulary, tokenize
+from shared_model.data import Vocabulary, tokenize
 
 
 def test_build_counts_and_orders_words():

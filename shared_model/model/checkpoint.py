@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CaptionerConfig
-from .model import Captioner
-from .vocab import Vocabulary
+from .captioner import Captioner
+from shared_model.data import Vocabulary
+from shared_model.privacy import unwrap
 
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 
@@ -38,15 +39,14 @@ def _atomic_write(path: Path, write) -> None:
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Weights of the plain model (an Opacus wrapper's `_module.` prefix removed), contiguous on CPU."""
-    model = getattr(model, "_module", model)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, vocab: Vocabulary,
                     metadata: dict[str, Any] | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config: CaptionerConfig = getattr(model, "_module", model).config
+    config: CaptionerConfig = unwrap(model).config
     if config.vocab_size != len(vocab):
         raise ValueError(f"model vocab_size {config.vocab_size} != vocabulary size {len(vocab)}")
     doc = {"format": "fedcap-checkpoint/1", "model": config.to_dict(), "metadata": metadata or {}}

@@ -19,13 +19,10 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import save_checkpoint
-from .config import CaptionerConfig
-from .data import CaptionDataset
-from .evaluation import evaluate
-from .metrics import caption_metrics, trivial_baseline_predictions
-from .model import Captioner
-from .synthetic import load_embedded, synthetic_vocabulary
+from shared_model.data import CaptionDataset, load_embedded, synthetic_vocabulary
+from shared_model.evaluation import caption_metrics, evaluate, trivial_baseline_predictions
+from shared_model.model import Captioner, CaptionerConfig, save_checkpoint, train_epoch
+from shared_model.privacy import unwrap
 
 
 @dataclass
@@ -84,19 +81,17 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
     engine = None
     noise_multiplier = None
     if cfg.dp:
-        from .dp import calibrate_noise_multiplier, make_private, poisson_plan
+        from shared_model.privacy import plan_dp_sgd, private_training
 
-        sample_rate, steps = poisson_plan(num_records=len(train), batch_size=cfg.batch_size, epochs=cfg.epochs)
-        noise_multiplier = cfg.noise_multiplier or calibrate_noise_multiplier(
-            target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, sample_rate=sample_rate,
-            steps=steps, accountant=cfg.accountant)
-        engine, model, optimizer, loader = make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant)
-        log(f"DP-SGD: sample_rate {sample_rate:.4f}, ~{steps} steps, noise_multiplier {noise_multiplier:.3f}, "
-            f"max_grad_norm {cfg.max_grad_norm}, accountant {cfg.accountant}")
-    from .training import train_epoch
-
+        event = plan_dp_sgd(num_records=len(train), batch_size=cfg.batch_size, epochs=cfg.epochs,
+                            noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon,
+                            target_delta=cfg.target_delta, accountant=cfg.accountant)
+        noise_multiplier = event.noise_multiplier
+        engine, model, optimizer, loader = private_training(
+            module=model, optimizer=optimizer, data_loader=loader, event=event, max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant)
+        log(f"DP-SGD: sample_rate {event.sample_rate:.4f}, ~{event.steps} steps, noise_multiplier "
+            f"{noise_multiplier:.3f}, max_grad_norm {cfg.max_grad_norm}, accountant {cfg.accountant}")
     history = []
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
@@ -108,7 +103,7 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
         history.append(row)
         log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.3f} ({row['seconds']:.1f} s)"
             + (f", epsilon {row['epsilon']:.2f}" if "epsilon" in row else ""))
-    plain = getattr(model, "_module", model)
+    plain = unwrap(model)
     metrics, predictions = evaluate(plain, test, vocab, beam_size=cfg.beam_size, device=device, meteor=cfg.meteor)
     baseline = caption_metrics(
         trivial_baseline_predictions((c for caps in train.captions for c in caps), test.image_ids),

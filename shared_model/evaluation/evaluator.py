@@ -6,11 +6,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import CaptionPairs, image_tensor
+from shared_model.data import CaptionPairs, image_tensor
 from .metrics import caption_metrics
-from .model import caption_loss
-from .records import CaptionSet
-from .vocab import Vocabulary
+from shared_model.data import CaptionSet, Vocabulary
+from shared_model.model import caption_loss
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import CaptionerConfig
 from .encoders import build_encoder
 from .layers import LSTM, MultiHeadAttention, TransformerDecoderLayer, sinusoidal_positions
-from .vocab import Vocabulary
+from shared_model.data import Vocabulary
 
 State = dict[str, Tensor]
 

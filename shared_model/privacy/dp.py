@@ -22,7 +22,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-ACCOUNTANTS = ("prv", "rdp")
+from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
+
 # torch warns on every backward through Opacus's hooks when the images need no gradient: benign.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
@@ -30,8 +31,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 def check_dp_args(*, max_grad_norm: float, target_delta: float, noise_multiplier: float | None = None,
                   target_epsilon: float | None = None, accountant: str = "prv") -> None:
     """Raise ValueError naming the first bad DP setting."""
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if accountant not in OPACUS_ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {OPACUS_ACCOUNTANTS}, got {accountant!r}")
     if not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     if not 0 < target_delta < 1:
@@ -92,6 +93,34 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
             module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
         )
+    return engine, module, optimizer, data_loader
+
+
+def plan_dp_sgd(*, num_records: int, batch_size: int, epochs: int, target_delta: float, plan_epochs: int | None = None,
+                noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                accountant: str = "prv") -> DPSGDEvent:
+    """The DP-SGD event of `epochs` epochs over `num_records` records in Poisson batches of expected
+    size `batch_size`, fixed before any data is touched. The noise multiplier is `noise_multiplier`,
+    or the smallest one whose `plan_epochs` epochs (the whole plan; default `epochs`) stay within
+    (target_epsilon, target_delta) under `accountant`."""
+    sample_rate, steps = poisson_plan(num_records=num_records, batch_size=batch_size, epochs=epochs)
+    if noise_multiplier is None:
+        plan_steps = steps if plan_epochs is None else poisson_plan(
+            num_records=num_records, batch_size=batch_size, epochs=plan_epochs)[1]
+        noise_multiplier = calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                                      sample_rate=sample_rate, steps=plan_steps,
+                                                      accountant=accountant)
+    return DPSGDEvent(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps)
+
+
+def private_training(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, event: DPSGDEvent,
+                     max_grad_norm: float, accountant: str = "prv"):
+    """`make_private` for a planned `event`; refuses a loader whose Poisson rate is not the event's."""
+    engine, module, optimizer, data_loader = make_private(
+        module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=event.noise_multiplier,
+        max_grad_norm=max_grad_norm, accountant=accountant)
+    if abs(data_loader.sample_rate - event.sample_rate) > 1e-12:
+        raise RuntimeError(f"Opacus sample_rate {data_loader.sample_rate} != planned {event.sample_rate}")
     return engine, module, optimizer, data_loader
 
 

@@ -8,7 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .audit import AuditResult
+from shared_model.util import json_safe
+
+from .ledger_audit import AuditResult
 
 FORMAT = "fedcap-audit/1"
 MECHANISM = ("Privacy unit: one record (an image with all its captions) of one site's dataset, add/remove "
@@ -60,19 +62,9 @@ def format_table(result: AuditResult) -> str:
     return "\n".join(out)
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
 def to_json(result: AuditResult, *, strict: bool = False) -> dict[str, Any]:
     """Machine-readable: every recomputed and recorded epsilon, every finding, at full precision."""
-    return _clean({"format": FORMAT, "status": result.status, "exit_code": result.exit_code(strict=strict),
+    return json_safe({"format": FORMAT, "status": result.status, "exit_code": result.exit_code(strict=strict),
                    "accountants": list(result.accountants), "tolerance": result.tolerance,
                    "record_tolerance": result.record_tolerance,
                    "sites": [asdict(s) for s in result.sites], "findings": [asdict(f) for f in result.findings]})

@@ -25,9 +25,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .data import image_tensor
-    from .loaders import load_images
+    from shared_model.data import image_tensor, load_images
+    from shared_model.model import load_checkpoint
 
     model, vocab, _ = load_checkpoint(args.checkpoint)
     images = load_images(args.images, image_size=model.config.image_size)
@@ -47,8 +46,7 @@ AUDIT_EXIT_CODES = """exit codes:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import audit
-    from .audit_report import format_table, to_json, write_report
+    from shared_model.privacy import audit, format_table, to_json, write_report
 
     accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
     result = audit(args.paths, accountants=accountants, tolerance=args.tolerance)
@@ -66,28 +64,31 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .centralized import CentralizedConfig
+
     parser = argparse.ArgumentParser(prog="fedcap", description="Federated DP image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="centralized training on the embedded synthetic dataset")
+    d = CentralizedConfig()  # the one place the centralized defaults live
     t.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus)")
-    t.add_argument("--target-epsilon", type=float, default=8.0)
-    t.add_argument("--noise-multiplier", type=float, default=None, help="instead of --target-epsilon")
-    t.add_argument("--target-delta", type=float, default=1e-5)
-    t.add_argument("--max-grad-norm", type=float, default=1.0)
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--train-size", type=int, default=4000)
-    t.add_argument("--test-size", type=int, default=500)
-    t.add_argument("--beam-size", type=int, default=3)
+    t.add_argument("--target-epsilon", type=float, default=d.target_epsilon)
+    t.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="instead of --target-epsilon")
+    t.add_argument("--target-delta", type=float, default=d.target_delta)
+    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--train-size", type=int, default=d.train_size)
+    t.add_argument("--test-size", type=int, default=d.test_size)
+    t.add_argument("--beam-size", type=int, default=d.beam_size)
     t.add_argument("--decoder", choices=("lstm", "transformer"))
     t.add_argument("--fusion", choices=("concat", "add", "attention"))
     t.add_argument("--encoder", choices=("cnn", "resnet18"))
     t.add_argument("--encoder-weights", help="local torchvision resnet18 state_dict (resnet18 encoder)")
     t.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the Java start-up)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
     t.add_argument("--out", type=Path, help="run folder (default runs/centralized-...)")
     t.set_defaults(func=_train)
 

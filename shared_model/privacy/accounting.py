@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 ACCOUNTANTS = ("prv", "rdp", "pld", "dp-rdp")
+OPACUS_ACCOUNTANTS = ACCOUNTANTS[:2]  # the ones an Opacus PrivacyEngine can attach to an optimizer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPSGDEvent:
     """`steps` Poisson-sampled Gaussian steps with one (sample_rate, noise_multiplier)."""
 

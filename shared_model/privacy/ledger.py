@@ -24,10 +24,11 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from shared_model.util import utc_now
 
 from .accounting import ACCOUNTANTS, DPSGDEvent, compute_epsilon
 
@@ -139,7 +140,7 @@ class PrivacyLedger:
                 "max_grad_norm": float(max_grad_norm), "target_epsilon": float(target_epsilon),
                 "target_delta": float(target_delta), "accountant": accountant,
                 "epsilon": compute_epsilon([*history, event], target_delta=target_delta, accountant=accountant),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "time": utc_now(),
                 "prev_hash": records[-1]["hash"] if records else GENESIS,
             }
             record["hash"] = record_hash(record)

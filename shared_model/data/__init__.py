@@ -1,0 +1,24 @@
+"""Records and where they come from: the record set, vocabulary, the embedded synthetic scenes, feature
+skew, partitioners, folder loaders and torch datasets.
+
+Names resolve lazily (shared_model/lazy.py): importing the wing imports no heavy library."""
+
+from shared_model.lazy import lazy_exports
+
+_MODULES = {  # submodule: its public names
+    'checks': ('check_int',),
+    'datasets': ('CaptionDataset', 'CaptionPairs', 'encode_captions', 'image_tensor'),
+    'loaders': ('FOLDER_FILES', 'FORMATS', 'IMAGE_COLUMNS', 'KARPATHY_SPLITS', 'CaptionDataError',
+                'load_caption_table', 'load_coco_captions', 'load_dataset', 'load_dataset_folder', 'load_images',
+                'load_karpathy'),
+    'partition': ('METHODS', 'dirichlet_label_partition', 'iid_partition', 'partition_caption_set',
+                  'quantity_skew_partition'),
+    'records': ('CaptionSet', 'SkippedRecord'),
+    'skew': ('SKEW_KINDS', 'apply_feature_skew', 'site_feature_skews'),
+    'synthetic': ('COLOURS', 'LABEL_ATTRIBUTES', 'MIN_IMAGE_SIZE', 'SHAPES', 'SIZES', 'SPLITS', 'generate_scenes',
+                  'load_embedded', 'split_seed', 'synthetic_vocabulary'),
+    'vocab': ('SPECIALS', 'Vocabulary', 'tokenize'),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

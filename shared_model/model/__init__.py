@@ -1,0 +1,21 @@
+"""The captioner: its config, DP-compatible layers, encoders, the model with one decoder step,
+decoding, checkpoints and the training loop.
+
+Names resolve lazily (shared_model/lazy.py): importing the wing imports no heavy library."""
+
+from shared_model.lazy import lazy_exports
+
+_MODULES = {  # submodule: its public names
+    'captioner': ('Captioner', 'caption_loss'),
+    'checkpoint': ('load_checkpoint', 'model_state', 'save_checkpoint'),
+    'config': ('DECODERS', 'ENCODERS', 'FUSIONS', 'RUN_CONFIG_KEYS', 'CaptionerConfig',
+               'captioner_config_from_run_config'),
+    'decoding': ('beam_search', 'greedy_decode'),
+    'encoders': ('build_encoder', 'load_resnet18_backbone'),
+    'layers': ('LSTM', 'MultiHeadAttention', 'TransformerDecoderLayer', 'sinusoidal_positions',
+               'sinusoidal_positions_2d'),
+    'training': ('train_epoch',),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,16 @@
+"""Programs over the library: the `fedcap` CLI, centralized training and the Flower runtime helpers.
+
+Names resolve lazily (shared_model/lazy.py): importing the wing imports no heavy library."""
+
+from shared_model.lazy import lazy_exports
+
+_MODULES = {  # submodule: its public names
+    'centralized': ('CentralizedConfig', 'resolve_device', 'run_centralized'),
+    'cli': ('main',),
+    'flower_runtime': ('ROOT', 'alive', 'default_run_config', 'descendants', 'flower_env', 'flwr_run', 'free_port',
+                       'local_superlink_ports', 'pump_output', 'run_status', 'stop_pids', 'stop_superlink',
+                       'superlink_pids', 'toml_value', 'write_run_config'),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
