@@ -32,35 +32,45 @@ def _model_and_vocab(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from shared_model.model import model_state
-    from shared_model.privacy import BudgetExhaustedError, PrivacyLedger
+    from shared_model.privacy import BudgetExhaustedError, ledger_head
 
-    from .settings import local_training, site_data, site_privacy, site_name, state_dir
+    from .settings import (ledger_is_ephemeral, local_training, run_request, site_budget, site_data, site_ledger,
+                           site_name, witnessed_head)
     from .trainer import train_round
 
-    rc, nc = context.run_config, context.node_config
+    rc, nc, config = context.run_config, context.node_config, msg.content["config"]
+    name = site_name(nc)
     model, vocab, device = _model_and_vocab(msg, context)
+    budget = site_budget(rc, nc)
+    ledger = site_ledger(rc, nc, context.run_id) if budget is not None else None
+    ephemeral = ledger_is_ephemeral(rc, nc)
+    site = {"name": name, "ledger-ephemeral": ephemeral}
     train_set, _ = site_data(rc, nc)
-    privacy = site_privacy(rc, nc)
-    ledger = PrivacyLedger(state_dir(rc, nc, context.run_id) / "ledger.jsonl")
-    server_round = int(msg.content["config"]["server-round"])
     try:
-        metrics = train_round(model=model, data=train_set, vocab=vocab,
-                              training=local_training(rc, msg.content["config"]), privacy=privacy, ledger=ledger,
-                              run_id=str(context.run_id), server_round=server_round,
-                              num_rounds=int(rc["num-server-rounds"]), device=device, seed=int(rc["seed"]))
+        metrics = train_round(model=model, data=train_set, vocab=vocab, training=local_training(rc, config),
+                              budget=budget, ledger=ledger,
+                              request=run_request(rc, config, context.run_id) if budget else None,
+                              server_round=int(config["server-round"]),
+                              witness=None if ephemeral else witnessed_head(config, name), device=device,
+                              seed=int(rc["seed"]))
     except BudgetExhaustedError as e:
-        log.warning("%s: %s", site_name(nc), e)
+        log.warning("%s: %s", name, e)
+        head, count = ledger_head(ledger.records())
         content = RecordDict({
             "metrics": MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": e.spent,
-                                     "delta": e.target_delta}),
-            "site": ConfigRecord({"name": site_name(nc), "budget-exhausted": str(e)}),
+                                     "delta": e.target_delta, "target-epsilon": e.target_epsilon}),
+            "site": ConfigRecord({**site, "budget-exhausted": str(e), "ledger-head": head, "ledger-records": count}),
         })
         return Message(content=content, reply_to=msg)
-    if privacy is None:  # same metric keys from every site, or Flower skips the aggregation
-        metrics.update({"epsilon": float("inf"), "delta": 0.0, "noise-multiplier": 0.0, "sample-rate": 0.0,
-                        "steps": 0})
+    if budget is None:  # same metric keys from every site, or Flower skips the aggregation
+        metrics.update({"epsilon": float("inf"), "delta": 0.0, "target-epsilon": float("inf"),
+                        "epsilon-remaining": float("inf"), "run-epsilon-granted": 0.0,
+                        "records-trained": metrics["num-examples"], "records-retired": 0,
+                        "noise-multiplier": 0.0, "sample-rate": 0.0, "steps": 0})
+    else:
+        site.update({"ledger-head": metrics.pop("ledger-head"), "ledger-records": metrics.pop("ledger-records")})
     content = RecordDict({"arrays": ArrayRecord(model_state(model)), "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": site_name(nc)})})
+                          "site": ConfigRecord(site)})
     return Message(content=content, reply_to=msg)
 
 

@@ -1,5 +1,6 @@
 """Where a site's settings come from: run_config (the federation's plan), node_config (the site's
-identity, data, state folder and its own privacy budget, which the server cannot override)."""
+identity, data, state folder, ledger mirror and its own privacy budget, which the server cannot
+override), and the train message's config (the witnessed ledger heads, the init checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.data import CaptionSet
+from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
 from shared_model.run_folder import run_dir
 
-from .trainer import LocalTraining, SitePrivacy
+from .trainer import LocalTraining
 
 
 def site_name(node_config: Mapping[str, Any]) -> str:
@@ -42,18 +44,68 @@ def site_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
                                num_partitions=int(node_config["num-partitions"]))
 
 
-def site_privacy(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SitePrivacy | None:
-    """The site's budget comes from node_config when it has one (deployment), else from run_config
-    (simulation). A site with its own budget always trains privately, whatever `dp` says."""
-    own_budget = "target-epsilon" in node_config
-    if not own_budget and not run_config.get("dp", True):
-        return None
-    source = node_config if own_budget else run_config
+def is_deployed(node_config: Mapping[str, Any]) -> bool:
+    """A real site (its own data-dir) rather than a simulated partition."""
+    return "data-dir" in node_config
+
+
+def ledger_is_ephemeral(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> bool:
+    """A simulated site whose ledger lives inside this run's folder: new with every run by design,
+    so no witness from an earlier run applies to it."""
+    return "state-dir" not in node_config and not str(run_config.get("site-state-dir", ""))
+
+
+def site_budget(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteBudget | None:
+    """The site's lifetime budget per record. Deployment: only node_config sets it (target-epsilon
+    and target-delta both required; no run-config value can raise either) and the site always trains
+    privately. Simulation: the run config's budget for the simulated sites, or None when dp = false."""
+    if is_deployed(node_config) or "target-epsilon" in node_config:
+        missing = [k for k in ("target-epsilon", "target-delta") if k not in node_config]
+        if missing:
+            raise ValueError(f"node_config lacks {missing}: a site sets its own privacy budget (start the "
+                             f"SuperNode with --node-config \"target-epsilon=8.0 target-delta=1e-6 ...\")")
+        source = node_config
+        max_run = node_config.get("max-run-epsilon", float(node_config["target-epsilon"]) / 4)
+    else:
+        if not run_config.get("dp", True):
+            return None
+        source = run_config
+        max_run = None
     noise = float(run_config.get("noise-multiplier", 0.0))
-    return SitePrivacy(target_epsilon=float(source["target-epsilon"]),
-                       target_delta=float(source.get("target-delta", run_config["target-delta"])),
-                       max_grad_norm=float(run_config["max-grad-norm"]), noise_multiplier=noise or None,
-                       accountant=str(run_config.get("accountant", "prv")))
+    return SiteBudget(target_epsilon=_number(source, "target-epsilon"), target_delta=_number(source, "target-delta"),
+                      accountant=str(source.get("accountant", "rdp")),
+                      max_run_epsilon=None if max_run is None else float(max_run),
+                      min_records=int(node_config.get("min-records", 1)),
+                      max_grad_norm=_number(run_config, "max-grad-norm"), noise_multiplier=noise or None)
+
+
+def _number(config: Mapping[str, Any], key: str) -> float:
+    try:
+        return float(config[key])
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {config[key]!r}") from None
+
+
+def run_request(run_config: Mapping[str, Any], train_config: Mapping[str, Any], run_id: int | str) -> RunRequest:
+    return RunRequest(run_id=str(run_id), run_epsilon=_number(run_config, "run-epsilon"),
+                      num_rounds=int(run_config["num-server-rounds"]), local_epochs=int(run_config["local-epochs"]),
+                      batch_size=int(run_config["batch-size"]),
+                      init_checkpoint=str(train_config.get("init-checkpoint", "")))
+
+
+def site_ledger(run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int | str) -> PrivacyLedger:
+    mirror = str(node_config.get("ledger-mirror-dir", ""))
+    return PrivacyLedger(state_dir(run_config, node_config, run_id) / "ledger.jsonl",
+                         mirror_dir=Path(mirror).expanduser().absolute() if mirror else None)
+
+
+def witnessed_head(train_config: Mapping[str, Any], site: str) -> tuple[str, int] | None:
+    """The head of this site's ledger the server witnessed last (None: never witnessed)."""
+    sites = list(train_config.get("witness-sites", []))
+    if site not in sites:
+        return None
+    k = sites.index(site)
+    return str(list(train_config["witness-heads"])[k]), int(list(train_config["witness-counts"])[k])
 
 
 def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> LocalTraining:

@@ -4,7 +4,7 @@ Simulation: partition `partition-id` of the embedded synthetic train split, cut 
 partitioner, with the site's feature skew (for a privacy audit, `canary-count` > 0 appends canary
 records to one site's train split: docs/empirical-audit.md). Deployment: the site's own files
 (`data-dir`, `dataset-format` from node_config). Either way the held-out split is chosen
-deterministically, so the train split, and hence its ledger fingerprint, is the same in every round,
+deterministically, so the train split, and hence the records its ledger names, is the same in every round,
 run and restart.
 """
 

@@ -1,18 +1,20 @@
-"""One training round at a site with DP-SGD, its budget check and its ledger record (no Flower).
+"""One training round at a site: DP-SGD inside one privacy transaction of the site ledger (no Flower).
 
-Order of operations, each a privacy requirement:
-  1. the mechanism of this round is fixed before any data is touched: sample_rate q = 1 / number
-     of Poisson batches per epoch (as Opacus's DPDataLoader uses), steps = local_epochs x batches,
-     noise_multiplier given or calibrated from the site's target epsilon over the WHOLE run plan
-     (num_rounds x local_epochs epochs), never one round;
-  2. the ledger projects the epsilon of the dataset's whole history plus this round and refuses
-     (BudgetExhaustedError) if it would exceed the site's budget;
-  3. training runs (Opacus, Poisson sampling, per-example clipping, Gaussian noise);
-  4. the round is appended to the ledger (fsynced) before any weights leave the site.
+Order of operations, each a privacy requirement (docs/privacy.md):
+  1. lock the ledger, read and verify it once (hash chain, membership files), and check that it
+     still holds the head the server witnessed last time (a lost or rolled-back ledger refuses);
+  2. plan the round from public quantities and the ledger only (site_budget.plan_round): the run's
+     grant (allowance and noise multiplier calibrated to it over the whole run plan, written once
+     per run), each record's projected epsilon, the records retired because they would exceed the
+     site's budget, and the Poisson sample rate over the records that remain;
+  3. train on the remaining records (Opacus: Poisson sampling, per-example clipping, noise);
+  4. append the round (mechanism + membership version, epsilon exactly as checked) before any
+     weights leave the site; unlock.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,23 +23,10 @@ from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
 from shared_model.model import Captioner, train_epoch
-from shared_model.privacy import DPSGDEvent, PrivacyLedger, check_dp_args, plan_dp_sgd, private_training, unwrap
+from shared_model.privacy import (PrivacyLedger, RunRequest, SiteBudget, check_witness, plan_round, private_training,
+                                  unwrap)
 
-
-@dataclass(frozen=True)
-class SitePrivacy:
-    """The site's DP settings; target_epsilon/target_delta are its lifetime budget."""
-
-    target_epsilon: float
-    target_delta: float
-    max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None  # None: calibrate over the run plan
-    accountant: str = "prv"
-
-    def __post_init__(self) -> None:
-        check_dp_args(max_grad_norm=self.max_grad_norm, target_delta=self.target_delta,
-                      noise_multiplier=self.noise_multiplier, target_epsilon=self.target_epsilon,
-                      accountant=self.accountant)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,60 +40,85 @@ class LocalTraining:
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
 
 
-def planned_event(*, num_records: int, training: LocalTraining, privacy: SitePrivacy, num_rounds: int) -> DPSGDEvent:
-    """This round's mechanism, from public quantities only (the site's record count, the plan)."""
-    return plan_dp_sgd(num_records=num_records, batch_size=training.batch_size, epochs=training.local_epochs,
-                       plan_epochs=training.local_epochs * num_rounds, noise_multiplier=privacy.noise_multiplier,
-                       target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
-                       accountant=privacy.accountant)
+def unique_records(data: CaptionSet) -> tuple[list[str], list[int]]:
+    """(content IDs, row indices) with each distinct record once: a record present twice would be
+    sampled twice per step, which the per-record accounting does not cover."""
+    seen: dict[str, int] = {}
+    for i, rid in enumerate(data.record_ids()):
+        seen.setdefault(rid, i)
+    if len(seen) < len(data):
+        log.warning("%d duplicate record(s) (same image and captions) left out", len(data) - len(seen))
+    return list(seen), list(seen.values())
 
 
 def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining,
-                privacy: SitePrivacy | None, ledger: PrivacyLedger | None, run_id: str, server_round: int,
-                num_rounds: int, device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Any]:
-    """Train `model` in place for one round. Returns metrics for the reply. With `privacy`, raises
-    BudgetExhaustedError (nothing trained, nothing recorded) when the budget would be exceeded."""
+                budget: SiteBudget | None, ledger: PrivacyLedger | None, request: RunRequest | None,
+                server_round: int, witness: tuple[str, int] | None = None, device: torch.device | str = "cpu",
+                seed: int = 0) -> dict[str, Any]:
+    """Train `model` in place for one round; returns the reply's metrics (and `ledger-head`,
+    `ledger-records` when private). With `budget`, raises BudgetExhaustedError (nothing trained,
+    nothing recorded but the run's grant) when too few records can train, and LedgerRollbackError
+    when the ledger lacks the witnessed head."""
     torch.manual_seed(seed * 100_003 + server_round)
-    dataset = CaptionDataset(data, vocab, max_len=model.config.max_len)
-    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True)
+    if budget is None:
+        losses = _train(model, data, vocab, training, event=None, budget=None, device=device)
+        return {"num-examples": len(data), "train-loss": losses[-1]}
+    ids, rows = unique_records(data)
+    budget.check_delta(len(ids))
+    with ledger.transaction() as tx:
+        if witness is not None:
+            check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
+        plan = plan_round(histories=tx.histories(), grant=tx.grant(request.run_id), record_ids=ids, budget=budget,
+                          request=request, server_round=server_round)
+        if plan.new_grant:
+            tx.append(plan.grant)
+        keep = set(plan.train_ids)
+        subset = data.subset([r for r, rid in zip(rows, ids) if rid in keep])
+        losses = _train(model, subset, vocab, training, event=plan.event, budget=budget, device=device)
+        tx.append_round(run_id=request.run_id, server_round=server_round, event=plan.event, members=plan.train_ids,
+                        retired=plan.retired, max_grad_norm=budget.max_grad_norm,
+                        target_epsilon=budget.target_epsilon, target_delta=budget.target_delta,
+                        accountant=budget.accountant, epsilon=max(plan.projected.values()),
+                        init_checkpoint=request.init_checkpoint)
+        head, count = tx.head
+    return {"num-examples": len(subset), "train-loss": losses[-1], "epsilon": plan.epsilon_after,
+            "delta": budget.target_delta, "target-epsilon": budget.target_epsilon,
+            "epsilon-remaining": budget.target_epsilon - plan.epsilon_after,
+            "run-epsilon-granted": plan.grant["granted_epsilon"], "records-trained": len(plan.train_ids),
+            "records-retired": plan.retired, "noise-multiplier": plan.event.noise_multiplier,
+            "sample-rate": plan.event.sample_rate, "steps": plan.event.steps,
+            "ledger-head": head, "ledger-records": count}
+
+
+def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining, *, event,
+           budget: SiteBudget | None, device) -> list[float]:
+    loader = DataLoader(CaptionDataset(data, vocab, max_len=model.config.max_len), batch_size=training.batch_size,
+                        shuffle=True)
     model.to(device).train()
     global_weights = [p.detach().clone() for p in model.parameters()] if training.proximal_mu else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr)
-    event = None
-    if privacy is not None:
-        fingerprint = data.fingerprint()
-        event = planned_event(num_records=len(data), training=training, privacy=privacy, num_rounds=num_rounds)
-        ledger.check_budget(fingerprint, event, target_epsilon=privacy.target_epsilon,
-                            target_delta=privacy.target_delta, accountant=privacy.accountant)
-        engine, model, optimizer, loader = private_training(
-            module=model, optimizer=optimizer, data_loader=loader, event=event, max_grad_norm=privacy.max_grad_norm,
-            accountant=privacy.accountant)
+    wrapped = model
+    if event is not None:
+        _, wrapped, optimizer, loader = private_training(module=model, optimizer=optimizer, data_loader=loader,
+                                                         event=event, max_grad_norm=budget.max_grad_norm,
+                                                         accountant=budget.accountant)
 
     def proximal_pull() -> None:  # FedProx's proximal gradient, data-independent: no privacy cost
         with torch.no_grad():
-            for p, g in zip(unwrap(model).parameters(), global_weights):
+            for p, g in zip(unwrap(wrapped).parameters(), global_weights):
                 p.sub_(training.lr * training.proximal_mu * (p - g))
 
     losses = []
     for _ in range(training.local_epochs):
-        stats = train_epoch(model, optimizer, loader, device=device,
-                            max_physical_batch_size=training.max_physical_batch_size if privacy else None,
+        stats = train_epoch(wrapped, optimizer, loader, device=device,
+                            max_physical_batch_size=training.max_physical_batch_size if event else None,
                             after_step=proximal_pull if global_weights is not None else None)
         losses.append(stats["loss"])
-    metrics: dict[str, Any] = {"num-examples": len(data), "train-loss": losses[-1]}
-    if privacy is not None:
-        record = ledger.append(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint,
-                               event=event, max_grad_norm=privacy.max_grad_norm,
-                               target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
-                               accountant=privacy.accountant)
-        metrics.update({"epsilon": record["epsilon"], "delta": privacy.target_delta,
-                        "noise-multiplier": event.noise_multiplier, "sample-rate": event.sample_rate,
-                        "steps": event.steps})
-    return metrics
+    return losses

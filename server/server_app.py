@@ -26,6 +26,7 @@ def main(grid: Grid, context: Context) -> None:
     from .outputs import RunOutputs
     from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, NoSiteCanTrain, build_strategy
+    from .witness import FederationState, federation_state_path
 
     t0 = time.perf_counter()
     rc = context.run_config
@@ -42,7 +43,9 @@ def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(int(rc["seed"]))
         model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(vocab)))
     eval_set = server_eval_set(rc, image_size=model.config.image_size)
-    strategy = FedCapStrategy(build_strategy(rc), vocab.itos, on_evaluate=outputs.log_federated)
+    witness = FederationState(federation_state_path(rc))
+    strategy = FedCapStrategy(build_strategy(rc), vocab.itos, on_evaluate=outputs.log_federated, witness=witness,
+                              run_id=str(context.run_id))
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

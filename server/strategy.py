@@ -65,8 +65,11 @@ class FedCapStrategy(Strategy):
     round was a budget refusal. Federated evaluation: each site's held-out metrics are passed to
     `on_evaluate(server_round, per_site, aggregated)` beside the inner strategy's weighted mean."""
 
-    def __init__(self, inner: Strategy, vocab_words: list[str], on_evaluate=None) -> None:
+    def __init__(self, inner: Strategy, vocab_words: list[str], on_evaluate=None, witness=None,
+                 run_id: str = "") -> None:
         self.on_evaluate = on_evaluate
+        self.witness = witness  # server.witness.FederationState, or None
+        self.run_id = run_id
         self.inner = inner
         self.vocab_words = vocab_words
         self.reference: dict[str, np.ndarray] = {}
@@ -86,7 +89,18 @@ class FedCapStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.reference = {k: v.numpy() for k, v in arrays.items()}
-        return self._with_vocab(self.inner.configure_train(server_round, arrays, config, grid))
+        messages = self._with_vocab(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.witness is not None:
+            for m in messages[:1]:  # one shared ConfigRecord
+                m.content["config"].update(self.witness.train_config())
+        return messages
+
+    def _witness(self, server_round: int, site: str, msg: Message) -> None:
+        info = msg.content["site"] if "site" in msg.content else {}
+        if self.witness is None or "ledger-head" not in info or info.get("ledger-ephemeral", False):
+            return
+        self.witness.observe(site, head=str(info["ledger-head"]), records=int(info["ledger-records"]),
+                             run_id=self.run_id, server_round=server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self._with_vocab(self.inner.configure_evaluate(server_round, arrays, config, grid))
@@ -98,6 +112,7 @@ class FedCapStrategy(Strategy):
                 kept.append(msg)  # the inner strategy logs error replies
                 continue
             site = _site_of(msg)
+            self._witness(server_round, site, msg)
             metrics = msg.content["metrics"] if "metrics" in msg.content else {}
             if "epsilon" in metrics:
                 self.site_epsilon[site] = float(metrics["epsilon"])
@@ -119,6 +134,8 @@ class FedCapStrategy(Strategy):
                 self.rejected.append({"round": server_round, "site": site, "reason": str(e)})
                 continue
             kept.append(msg)
+        if self.witness is not None:
+            self.witness.save()
         if refused and not any(not m.has_error() for m in kept):
             raise NoSiteCanTrain(f"round {server_round}: every site that answered has exhausted its privacy budget")
         return self.inner.aggregate_train(server_round, kept)

@@ -46,28 +46,33 @@ def resolved_run_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def theoretical_epsilon(run_dir: Path, run_config: dict[str, Any], num_sites: int) -> dict[str, Any]:
-    """The canary site's epsilon, recomputed from its ledger (compute_epsilon over every record of
-    the dataset it trained on), after checking that this dataset is the one holding the canaries."""
+    """The canaries' epsilon, recomputed from the canary site's ledger: the largest per-record
+    epsilon among the canary records it holds (the events whose membership contained them)."""
     from client.site_data import simulated_site_data
-    from shared_model.privacy import PrivacyLedger, compute_epsilon
+    from shared_model.evaluation import included_canaries
+    from shared_model.privacy import PrivacyLedger, build_histories
 
     site = int(run_config["canary-site"])
     path = run_dir / "sites" / f"site-{site}" / "ledger.jsonl"
-    records = PrivacyLedger(path).records()
+    ledger = PrivacyLedger(path)
+    records = [r for r in ledger.records() if r["kind"] == "dp-sgd"]
     if not records:
         if run_config.get("dp", True):
             raise RuntimeError(f"DP run but no ledger records at {path}: the canary site never trained")
         return {"epsilon": math.inf, "delta": float(run_config["target-delta"]), "accountant": None, "rounds": 0}
+    histories, _ = build_histories(ledger.records(), ledger.membership)
     train, _ = simulated_site_data(run_config, partition_id=site, num_partitions=num_sites)
-    fingerprint = train.fingerprint()
-    ours = [r for r in records if r["dataset_fingerprint"] == fingerprint]
-    if not ours:
-        raise RuntimeError(f"no record of {path} is for the canary site's dataset (fingerprint {fingerprint[:12]}..)")
-    delta, accountant = float(ours[-1]["target_delta"]), str(ours[-1]["accountant"])
-    events = PrivacyLedger(path).events(fingerprint)
-    return {"epsilon": compute_epsilon(events, target_delta=delta, accountant=accountant), "delta": delta,
-            "accountant": accountant, "rounds": len(events), "noise_multiplier": ours[-1]["noise_multiplier"],
-            "sample_rate": ours[-1]["sample_rate"], "steps": sum(e.steps for e in events)}
+    canaries = set(included_canaries(int(run_config["canary-count"]), seed=int(run_config["canary-seed"]),
+                                     image_size=train.images.shape[1]).record_ids())
+    groups = {g for g in histories.groups_of(canaries) if g >= 0}
+    if not groups:
+        raise RuntimeError(f"no line of {path} trained on the canary records")
+    delta, accountant = float(records[-1]["target_delta"]), str(records[-1]["accountant"])
+    worst = max(groups, key=lambda g: histories.epsilon(g, target_delta=delta, accountant=accountant))
+    events = histories.group_events(worst)
+    return {"epsilon": histories.epsilon(worst, target_delta=delta, accountant=accountant), "delta": delta,
+            "accountant": accountant, "rounds": len(events), "noise_multiplier": events[-1].noise_multiplier,
+            "sample_rate": events[-1].sample_rate, "steps": sum(e.steps for e in events)}
 
 
 def audit_run(run_dir: Path) -> dict[str, Any]:

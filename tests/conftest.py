@@ -55,3 +55,20 @@ def tamper_ledger(path, kind: str) -> None:
     else:
         raise ValueError(f"unknown tampering {kind!r}")
     path.write_text("\n".join(lines) + ("" if kind == "torn" else "\n"))
+
+
+def record_round(path, event, members, *, run_id="run-1", server_round=1, accountant="prv", target_epsilon=10.0,
+                 target_delta=1e-5, retired=0):
+    """Append one honest dp-sgd line to the ledger at `path`: `event` sampled from `members` (record
+    IDs), with the largest per-record epsilon after it computed as the site computes it."""
+    from shared_model.privacy import PrivacyLedger, projected_epsilons
+
+    ledger = PrivacyLedger(path)
+    with ledger.transaction() as tx:
+        histories = tx.histories()
+        groups = list(histories.groups_of(members))
+        eps = max(projected_epsilons(histories, groups, event, target_delta=target_delta,
+                                     accountant=accountant).values())
+        return tx.append_round(run_id=run_id, server_round=server_round, event=event, members=list(members),
+                               retired=retired, max_grad_norm=1.0, target_epsilon=target_epsilon,
+                               target_delta=target_delta, accountant=accountant, epsilon=eps)

@@ -1,34 +1,30 @@
-"""`fedcap audit`: recomputed budgets from real ledgers, tampering, under-reporting, outputs."""
+"""`fedcap audit`: per-record epsilons recomputed from real ledgers and membership files, tampering,
+under-reporting, witnessed heads, outputs, scale."""
 
 import json
 import shutil
 
 import pytest
-from conftest import tamper_ledger
+from conftest import record_round, tamper_ledger
 
 from shared_model.privacy import DPSGDEvent, PrivacyLedger, audit, compute_epsilon, find_ledgers, record_hash
 from shared_model.runners import main
 
 DELTA = 1e-5
 SITE0_EVENT = DPSGDEvent(sample_rate=0.1, noise_multiplier=1.0, steps=10)   # site-0 (prv): run-1 rounds 1-2, run-2 round 1
-SITE1_EVENT = DPSGDEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20)  # site-1 (pld): run-1 rounds 1-2
-
-
-def _append(path, event, *, run_id="run-1", server_round=1, fingerprint="fp-a", accountant="prv",
-            target_epsilon=10.0):
-    return PrivacyLedger(path).append(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint,
-                                      event=event, max_grad_norm=1.0, target_epsilon=target_epsilon,
-                                      target_delta=DELTA, accountant=accountant)
+SITE1_EVENT = DPSGDEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20)  # site-1 (rdp): run-1 rounds 1-2
+OLD, NEW = [f"a{i}" for i in range(10)], [f"b{i}" for i in range(3)]
 
 
 @pytest.fixture(scope="module")
 def run_template(tmp_path_factory):
-    """A simulation run folder: sites/site-0 (prv, two runs) and sites/site-1 (pld)."""
+    """A simulation run folder: sites/site-0 (prv, two runs; 3 records added before the last round)
+    and sites/site-1 (rdp)."""
     run = tmp_path_factory.mktemp("runs") / "run-1"
-    for run_id, rnd in (("run-1", 1), ("run-1", 2), ("run-2", 1)):
-        _append(run / "sites/site-0/ledger.jsonl", SITE0_EVENT, run_id=run_id, server_round=rnd)
+    for run_id, rnd, members in (("run-1", 1, OLD), ("run-1", 2, OLD), ("run-2", 1, OLD + NEW)):
+        record_round(run / "sites/site-0/ledger.jsonl", SITE0_EVENT, members, run_id=run_id, server_round=rnd)
     for rnd in (1, 2):
-        _append(run / "sites/site-1/ledger.jsonl", SITE1_EVENT, server_round=rnd, fingerprint="fp-b", accountant="pld")
+        record_round(run / "sites/site-1/ledger.jsonl", SITE1_EVENT, OLD, server_round=rnd, accountant="rdp")
     return run
 
 
@@ -37,59 +33,62 @@ def run_dir(run_template, tmp_path):
     return shutil.copytree(run_template, tmp_path / "run-1")
 
 
-@pytest.fixture
-def state_dir(tmp_path):
-    """A deployed site's state dir (rdp): two datasets, the budget of one changes between records."""
-    path = tmp_path / "hospital-a" / "ledger.jsonl"
-    _append(path, DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20), fingerprint="fp-a", accountant="rdp")
-    _append(path, DPSGDEvent(sample_rate=0.02, noise_multiplier=1.3, steps=50), fingerprint="fp-b", accountant="rdp")
-    _append(path, DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20), fingerprint="fp-a", accountant="rdp", run_id="run-2", target_epsilon=12.0)
-    return path.parent
-
-
 def _row(out, site):
     return next(line for line in out.splitlines() if line.startswith(site + " "))
 
 
-def test_recomputed_epsilons_match_the_ledger_and_the_library(run_dir, capsys):
+def test_per_record_epsilons_match_the_ledger_and_the_library(run_dir, capsys):
     result = audit([run_dir])
     assert [s.site for s in result.sites] == ["site-0", "site-1"] and result.findings == []
-    for site, event, n in ((result.sites[0], SITE0_EVENT, 3), (result.sites[1], SITE1_EVENT, 2)):
-        (d,) = site.datasets
-        records = PrivacyLedger(site.path).records()
-        assert d.rounds == n and d.status == "ok"
-        for a in ("prv", "rdp", "pld"):
-            assert d.epsilon[a] == pytest.approx(compute_epsilon([event] * n, target_delta=DELTA, accountant=a),
-                                                 rel=1e-9)
-        assert d.epsilon[d.accountant] == pytest.approx(records[-1]["epsilon"], rel=1e-9) == d.spent_epsilon
-        assert [c.recomputed_epsilon for c in d.records] == pytest.approx([r["epsilon"] for r in records], rel=1e-9)
-        assert d.epsilon["prv"] == pytest.approx(d.epsilon["pld"], rel=0.02)
-        assert d.epsilon["rdp"] >= max(d.epsilon["prv"], d.epsilon["pld"])
-        assert d.remaining == pytest.approx(10.0 - d.spent_epsilon)
-    assert result.sites[0].datasets[0].run_ids == ["run-1", "run-2"]
-
+    s0, s1 = result.sites
+    assert (s0.rounds, s0.run_ids, s0.records, s0.records_retired) == (3, ["run-1", "run-2"], 13, 0)
+    for site, n in ((s0, 3), (s1, 2)):
+        event = SITE0_EVENT if site is s0 else SITE1_EVENT
+        for a in ("prv", "rdp", "pld"):  # the most-spent record was in every round
+            assert site.epsilon[a] == pytest.approx(compute_epsilon([event] * n, target_delta=DELTA, accountant=a),
+                                                    rel=1e-9)
+        records = [r for r in PrivacyLedger(site.path).records() if r["kind"] == "dp-sgd"]
+        assert [c.recomputed_epsilon for c in site.checks] == pytest.approx([r["epsilon"] for r in records], rel=1e-9)
+        assert site.epsilon[site.accountant] == pytest.approx(records[-1]["epsilon"]) == site.spent_epsilon
+        assert site.epsilon["rdp"] >= max(site.epsilon["prv"], site.epsilon["pld"])
+        assert site.remaining == pytest.approx(10.0 - site.spent_epsilon)
     assert main(["audit", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "eps prv" in out and "no findings" in out and _row(out, "site-1").split()[-1] == "ok"
 
 
-def test_datasets_of_one_ledger_are_audited_separately(state_dir, capsys):
-    result = audit([state_dir], accountants=["rdp"])
-    (site,) = result.sites
-    assert site.site == "hospital-a"
-    a, b = site.datasets
-    assert (a.dataset_fingerprint, a.rounds, a.run_ids, b.dataset_fingerprint, b.rounds) == (
-        "fp-a", 2, ["run-1", "run-2"], "fp-b", 1)
-    assert a.epsilon["rdp"] == pytest.approx(compute_epsilon([DPSGDEvent(sample_rate=0.05, noise_multiplier=1.0, steps=20)] * 2, target_delta=DELTA,
-                                                             accountant="rdp"), rel=1e-9)
-    assert b.epsilon["rdp"] == pytest.approx(PrivacyLedger(state_dir / "ledger.jsonl").records()[1]["epsilon"])
-    assert a.target_epsilon == 12.0 and a.remaining == pytest.approx(12.0 - a.spent_epsilon)
-    # a budget that changes within one dataset is a warning: exit 0, 1 only with --strict
-    assert [(f.kind, f.severity, f.dataset_fingerprint) for f in result.findings] == [
-        ("inconsistent-budget", "warning", "fp-a")]
-    assert main(["audit", str(state_dir / "ledger.jsonl"), "--accountants", "rdp"]) == 0
-    assert main(["audit", str(state_dir), "--accountants", "rdp", "--strict"]) == 1
-    assert "WARNING [inconsistent-budget]" in capsys.readouterr().out
+def test_independent_recomputation_with_dp_accounting_alone(run_dir):
+    """The documented format is enough: rebuild each line's membership from the JSON files, compose
+    each record's events with dp_accounting (PLD and RDP), compare with the audit's per-record values."""
+    import dp_accounting
+
+    folder = run_dir / "sites/site-0"
+
+    def members(version):
+        doc = json.loads((folder / "membership" / f"{version}.json").read_text())
+        base = members(doc["base"]) if doc["base"] else set()
+        return (base - set(doc["removed"])) | set(doc["added"])
+
+    per_record: dict[str, list] = {}
+    for line in (folder / "ledger.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] != "dp-sgd":
+            continue
+        event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            r["sample_rate"], dp_accounting.GaussianDpEvent(r["noise_multiplier"])), r["steps"])
+        for rid in members(r["membership"]):
+            per_record.setdefault(rid, []).append(event)
+    assert len(per_record) == 13 and len(per_record["a0"]) == 3 and len(per_record["b0"]) == 1
+    (site,) = [s for s in audit([run_dir], accountants=["pld", "dp-rdp"]).sites if s.site == "site-0"]
+    for name, acc in (("pld", dp_accounting.pld.PLDAccountant), ("dp-rdp", dp_accounting.rdp.RdpAccountant)):
+        eps = {}
+        for rid, events in per_record.items():
+            accountant = acc()
+            for e in events:
+                accountant.compose(e)
+            eps[rid] = accountant.get_epsilon(DELTA)
+        assert max(eps.values()) == pytest.approx(site.epsilon[name], rel=1e-6)
+        assert eps["b0"] < eps["a0"]  # the records added later spent less
 
 
 @pytest.mark.parametrize("tamper,message", [("edit", "line 2: hash mismatch"),
@@ -105,34 +104,76 @@ def test_a_tampered_ledger_fails_its_site_only(run_dir, capsys, tamper, message)
     assert _row(out, "site-0").split()[-1] == "ERROR" and _row(out, "site-1").split()[-1] == "ok"
 
 
+def test_an_altered_membership_file_is_an_error(run_dir, capsys):
+    folder = run_dir / "sites/site-0"
+    first = json.loads((folder / "ledger.jsonl").read_text().splitlines()[0])
+    path = folder / "membership" / f"{first['membership']}.json"
+    doc = json.loads(path.read_text())
+    doc["added"] = doc["added"][1:]  # hide a record from the first round
+    path.write_text(json.dumps(doc))
+    assert main(["audit", str(run_dir)]) == 2
+    assert "does not rebuild to its version" in capsys.readouterr().out
+
+
 def test_a_consistently_rewritten_chain_is_still_caught_under_reporting(run_dir, capsys):
     path = run_dir / "sites/site-0/ledger.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     records[1]["epsilon"] *= 0.9
-    for i in (1, 2):  # the attacker rewrites the chain from the edited record on
+    for i in (1, 2):  # the attacker rewrites the chain from the edited line on
         records[i]["prev_hash"] = records[i - 1]["hash"]
         records[i]["hash"] = record_hash(records[i])
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     assert len(PrivacyLedger(path).records()) == 3  # the chain verifies
     assert main(["audit", str(run_dir)]) == 1
     out = capsys.readouterr().out
-    assert "FAILURE [under-reported] site-0 fp-a: line 2: recorded epsilon" in out
+    assert "FAILURE [under-reported] site-0: line 2: recorded epsilon" in out
     assert _row(out, "site-0").split()[-1] == "FAILURE" and _row(out, "site-1").split()[-1] == "ok"
 
 
 def test_budget_exceeded_is_a_failure(tmp_path, capsys):
-    path = tmp_path / "site-9" / "ledger.jsonl"
-    record = _append(path, SITE0_EVENT, accountant="rdp", target_epsilon=1.0)
-    assert record["epsilon"] > 1.0  # append records; refusing to train is the site's check_budget
+    record = record_round(tmp_path / "site-9" / "ledger.jsonl", SITE0_EVENT, OLD, accountant="rdp",
+                          target_epsilon=1.0)
+    assert record["epsilon"] > 1.0  # the ledger records; refusing to train is the site's filter
     assert main(["audit", str(tmp_path), "--accountants", "rdp"]) == 1
     out = capsys.readouterr().out
-    assert "FAILURE [budget-exceeded] site-9 fp-a" in out and "> target_epsilon 1" in out
+    assert "FAILURE [budget-exceeded] site-9: line 1: a record reached epsilon" in out and "> target_epsilon 1" in out
+
+
+def test_a_changing_budget_is_a_warning_unless_strict(tmp_path, capsys):
+    path = tmp_path / "hospital-a" / "ledger.jsonl"
+    record_round(path, SITE1_EVENT, OLD, accountant="rdp")
+    record_round(path, SITE1_EVENT, OLD, accountant="rdp", run_id="run-2", target_epsilon=12.0)
+    result = audit([path.parent], accountants=["rdp"])
+    assert [(f.kind, f.severity) for f in result.findings] == [("inconsistent-budget", "warning")]
+    assert result.sites[0].target_epsilon == 12.0
+    assert main(["audit", str(path), "--accountants", "rdp"]) == 0
+    assert main(["audit", str(path.parent), "--accountants", "rdp", "--strict"]) == 1
+    assert "WARNING [inconsistent-budget]" in capsys.readouterr().out
+
+
+def test_witnessed_heads_missing_or_behind_are_failures(run_dir, tmp_path, capsys):
+    def head(site):
+        lines = (run_dir / "sites" / site / "ledger.jsonl").read_text().splitlines()
+        return {"head": json.loads(lines[-1])["hash"], "records": len(lines), "run_id": "run-2"}
+
+    state = tmp_path / "federation-state.json"
+    state.write_text(json.dumps({"format": "fedcap-federation-state/1",
+                                 "sites": {"site-0": head("site-0"), "site-1": head("site-1")}}))
+    assert main(["audit", str(run_dir), "--federation-state", str(state)]) == 0
+    capsys.readouterr()
+    # site-1's ledger deleted (its whole state dir), site-0's rolled back to a copy one line shorter
+    shutil.rmtree(run_dir / "sites/site-1")
+    path = run_dir / "sites/site-0/ledger.jsonl"
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:-1]))
+    assert main(["audit", str(run_dir), "--federation-state", str(state)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILURE [witness-missing] site-0" in out and "FAILURE [witness-missing] site-1" in out
 
 
 def test_accountant_disagreement_is_a_warning_unless_strict(run_dir, capsys):
     # prv and pld differ by ~0.3% here: a tolerance below that must warn
     assert main(["audit", str(run_dir), "--tolerance", "1e-5"]) == 0
-    assert "WARNING [accountant-disagreement] site-0 fp-a: prv" in capsys.readouterr().out
+    assert "WARNING [accountant-disagreement] site-0: prv" in capsys.readouterr().out
     assert main(["audit", str(run_dir), "--tolerance", "1e-5", "--strict"]) == 1
 
 
@@ -144,13 +185,14 @@ def test_report_and_json_outputs(run_dir, tmp_path, capsys):
     assert "site-0" in captured.err
     assert {"format", "status", "exit_code", "accountants", "tolerance", "sites", "findings"} <= result.keys()
     assert (result["status"], result["exit_code"], result["accountants"]) == ("ok", 0, ["prv", "rdp", "pld"])
-    dataset = result["sites"][0]["datasets"][0]
-    assert {"epsilon", "spent_epsilon", "remaining", "target_epsilon", "target_delta", "run_ids"} <= dataset.keys()
-    assert [(r["recorded_epsilon"], r["recomputed_epsilon"]) for r in dataset["records"]] == [
+    site = result["sites"][0]
+    assert {"epsilon", "spent_epsilon", "remaining", "target_epsilon", "target_delta", "run_ids", "records",
+            "records_retired", "grants"} <= site.keys()
+    assert [(c["recorded_epsilon"], c["recomputed_epsilon"]) for c in site["checks"]] == [
         pytest.approx((r["epsilon"], r["epsilon"]), rel=1e-9)
         for r in PrivacyLedger(run_dir / "sites/site-0/ledger.jsonl").records()]
     md = (report / "audit.md").read_text()
-    assert "| site-0 | fp-a |" in md and "## Findings" in md and "## site-1" in md and "epsilon.png" in md
+    assert "| site-0 | 3 |" in md and "## Findings" in md and "## site-1" in md and "epsilon.png" in md
     assert (report / "epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json_file = tmp_path / "new-folder" / "audit.json"  # a folder that does not exist yet
     assert main(["audit", str(run_dir), "--json", str(json_file)]) == 0
@@ -158,20 +200,20 @@ def test_report_and_json_outputs(run_dir, tmp_path, capsys):
 
 
 def test_golden_multi_event_composition(tmp_path):
-    events = [DPSGDEvent(sample_rate=0.02, noise_multiplier=1.1, steps=300), DPSGDEvent(sample_rate=0.05, noise_multiplier=0.9, steps=100)]
+    events = [DPSGDEvent(sample_rate=0.02, noise_multiplier=1.1, steps=300),
+              DPSGDEvent(sample_rate=0.05, noise_multiplier=0.9, steps=100)]
     for rnd, event in enumerate(events, 1):
-        _append(tmp_path / "site-0" / "ledger.jsonl", event, server_round=rnd, accountant="rdp")
-    (d,) = audit([tmp_path / "site-0"]).sites[0].datasets
+        record_round(tmp_path / "site-0" / "ledger.jsonl", event, OLD, server_round=rnd, accountant="rdp")
+    (site,) = audit([tmp_path / "site-0"]).sites
     # computed once with Opacus 1.6 (prv, rdp) and dp-accounting 0.6 (pld) at delta 1e-5
-    assert d.epsilon == pytest.approx({"prv": 4.72431, "rdp": 5.40570, "pld": 4.71397}, rel=1e-3)
-    assert d.epsilon["prv"] == pytest.approx(d.epsilon["pld"], rel=0.02)
-    assert d.epsilon["rdp"] >= max(d.epsilon["prv"], d.epsilon["pld"])
+    assert site.epsilon == pytest.approx({"prv": 4.72431, "rdp": 5.40570, "pld": 4.71397}, rel=1e-3)
 
 
-def test_site_names_in_a_federation_of_state_dirs(run_dir, state_dir, tmp_path):
-    other = shutil.copytree(run_dir / "sites/site-1", tmp_path / "elsewhere" / "hospital-a")
-    sites = find_ledgers([state_dir, other, run_dir / "sites/site-0"])
-    assert [name for name, _ in sites] == [str(state_dir.resolve()), str(other.resolve()), "site-0"]
+def test_site_names_in_a_federation_of_state_dirs(run_dir, tmp_path):
+    state = shutil.copytree(run_dir / "sites/site-0", tmp_path / "deploy" / "sites" / "hospital-a" / "state")
+    other = shutil.copytree(run_dir / "sites/site-1", tmp_path / "elsewhere" / "site-0")
+    sites = find_ledgers([tmp_path / "deploy", other, run_dir / "sites/site-0"])
+    assert [name for name, _ in sites] == ["hospital-a", str(other.resolve()), str((run_dir / "sites/site-0").resolve())]
 
 
 @pytest.mark.parametrize("args,message", [(["{missing}"], "no such file or folder: {missing}"),

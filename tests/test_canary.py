@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from client.site_data import simulated_site_data
-from conftest import tiny_config
+from conftest import record_round, tiny_config
 from shared_model.data import encode_captions, image_tensor, load_embedded, synthetic_vocabulary
 from shared_model.evaluation import CAPTION_WORDS, canary_scores, draw_membership, included_canaries, make_canaries
 from shared_model.model import Captioner, caption_loss, save_checkpoint
-from shared_model.privacy import (DPSGDEvent, PrivacyLedger, compute_epsilon, correct_guesses, epsilon_lower_bound,
+from shared_model.privacy import (DPSGDEvent, compute_epsilon, correct_guesses, epsilon_lower_bound,
                                   guess_counts, one_run_audit, p_value)
 from shared_model.runners.flower_runtime import default_run_config
 from simulations.canary_audit import audit_run, main
@@ -148,9 +148,9 @@ def test_site_data_holds_exactly_the_included_canaries_at_the_canary_site():
         if site == 1:
             assert canary_ids == expected.image_ids and train.image_ids[: len(plain_train)] == plain_train.image_ids
             assert np.array_equal(train.images[len(plain_train):], expected.images)
-            assert train.fingerprint() != plain_train.fingerprint()
+            assert train.record_ids() != plain_train.record_ids()
         else:
-            assert canary_ids == [] and train.fingerprint() == plain_train.fingerprint()
+            assert canary_ids == [] and train.record_ids() == plain_train.record_ids()
     eval_set = load_embedded("test", 50, image_size=32)
     assert not set(eval_set.image_ids) & set(make_canaries(m, seed=seed, image_size=32).image_ids)
     with pytest.raises(ValueError, match="canary-site must be in \\[0, 3\\), got 3"):
@@ -214,9 +214,8 @@ def fake_run(tmp_path, *, memorized: bool, noise_multiplier: float):
     (run_dir / "checkpoints" / "LATEST").write_text("round-0001\n")
     train, _ = simulated_site_data(run_config(**overrides), partition_id=0, num_partitions=2)
     event = DPSGDEvent(sample_rate=0.5, noise_multiplier=noise_multiplier, steps=4)
-    PrivacyLedger(run_dir / "sites" / "site-0" / "ledger.jsonl").append(
-        run_id="1", server_round=1, dataset_fingerprint=train.fingerprint(), event=event, max_grad_norm=1.0,
-        target_epsilon=100.0, target_delta=1e-5, accountant="rdp")
+    record_round(run_dir / "sites" / "site-0" / "ledger.jsonl", event, train.record_ids(), run_id="1",
+                 accountant="rdp", target_epsilon=100.0)
     return run_dir, compute_epsilon([event], target_delta=1e-5, accountant="rdp")
 
 

@@ -17,7 +17,7 @@ from shared_model.privacy import PrivacyLedger
 
 TINY = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "image-size": 32, "model-d-model": 32,
         "model-num-heads": 2, "model-ffn-dim": 32, "model-dropout": 0.0, "server-eval-size": 30,
-        "target-epsilon": 100.0}  # the run config's budget must not override the sites' own
+        "target-epsilon": 100.0, "target-delta": 0.9}  # the run config's budget must not override the sites' own
 
 
 def test_tls_certificate_names_the_hosts_and_is_signed_by_the_ca(tmp_path):
@@ -91,10 +91,15 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     federated = [json.loads(line) for line in (run_dir / "federated.jsonl").read_text().splitlines()]
     assert [sorted(r["sites"]) for r in federated] == [["site-0", "site-1"]] * 2  # names from node_config
+    witnessed = json.loads((deployment.workdir / "server" / "federation-state.json").read_text())["sites"]
     for k in range(2):
-        records = PrivacyLedger(deployment.site_dir(k) / "state" / "ledger.jsonl").records()
+        lines = PrivacyLedger(deployment.site_dir(k) / "state" / "ledger.jsonl").records()
+        records = [r for r in lines if r["kind"] == "dp-sgd"]
         assert [r["server_round"] for r in records] == [1, 2]
-        assert {r["run_id"] for r in records} == {result["run_id"]}
-        assert all(r["target_epsilon"] == 6.0 for r in records)  # the site's budget, not the run config's
-        assert 0 < records[-1]["epsilon"] <= 6.0
+        assert {r["run_id"] for r in lines} == {result["run_id"]}
+        # the site's budget and delta, never the run config's (100, 0.9); a quarter of it granted per run
+        assert all((r["target_epsilon"], r["target_delta"]) == (6.0, 1e-5) for r in lines)
+        assert lines[0]["kind"] == "grant" and lines[0]["granted_epsilon"] == 1.5
+        assert 0 < records[-1]["epsilon"] <= 1.5 * (1 + 1e-6)
+        assert witnessed[f"site-{k}"]["head"] == lines[-1]["hash"] and witnessed[f"site-{k}"]["records"] == 3
 

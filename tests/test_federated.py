@@ -1,10 +1,12 @@
 """Real Flower simulations (local SuperLink, Ray, ClientApp + ServerApp) on a tiny captioner."""
 
 import json
+import shutil
 
 import pytest
 
 from shared_model.privacy import PrivacyLedger
+from shared_model.runners import main
 from simulations.run import run_simulation, stop_superlink
 
 TINY = dict(train_size=300, server_eval_size=30, image_size=32, model_d_model=32, model_num_heads=2,
@@ -56,39 +58,56 @@ def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites
     assert "| 3 | site-1 |" in summary and "| 3 | weighted mean |" in summary
 
 
+def dp_lines(path):
+    return [r for r in PrivacyLedger(path).records() if r["kind"] == "dp-sgd"]
+
+
 def test_private_simulation_writes_each_site_ledger(tmp_path, flwr_home, sites2):
     result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                            overrides=overrides(num_server_rounds=2, target_epsilon=8.0))
+                            overrides=overrides(num_server_rounds=2, target_epsilon=8.0, run_epsilon=8.0))
     run_dir = result["run_dir"]
     for site in ("site-0", "site-1"):
-        records = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
+        lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
+        assert [r["kind"] for r in lines] == ["grant", "dp-sgd", "dp-sgd"]
+        records = lines[1:]
         assert [r["server_round"] for r in records] == [1, 2]
-        assert records[0]["epsilon"] < records[-1]["epsilon"] <= 8.0  # calibrated over the 2-round plan
-        assert records[-1]["epsilon"] > 8.0 * 0.9
+        assert records[0]["epsilon"] < records[-1]["epsilon"] <= 8.0  # calibrated to the grant over the plan
+        assert records[-1]["epsilon"] > 8.0 * 0.9 and records[-1]["records_retired"] == 0
     summary = (run_dir / "summary.md").read_text()
     assert "| site-0 |" in summary and "| site-1 |" in summary
+    # simulated sites whose ledgers live in the run folder are new every run: nothing to witness
+    state = json.loads((tmp_path / "federation-state.json").read_text())
+    assert state["sites"] == {}
 
 
-def test_second_run_continues_the_site_ledger_and_budget_is_enforced(tmp_path, flwr_home, sites2):
+def test_ledgers_continue_across_runs_and_the_server_witnesses_them(tmp_path, flwr_home, sites2):
     state = tmp_path / "site-state"
-    common = dict(num_server_rounds=2, site_state_dir=str(state), noise_multiplier=1.0)
-    first = run_simulation([sites2], output_dir=tmp_path / "runs", timeout=TIMEOUT, flwr_home=flwr_home,
+    common = dict(num_server_rounds=2, site_state_dir=str(state), noise_multiplier=1.0, run_epsilon=100.0)
+    runs = tmp_path / "runs"
+    first = run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
                            stream_to=None, overrides=overrides(target_epsilon=100.0, **common))
-    ledger = PrivacyLedger(state / "site-0" / "ledger.jsonl")
-    after_first = ledger.records()
+    after_first = dp_lines(state / "site-0" / "ledger.jsonl")
     assert len(after_first) == 2
-    second = run_simulation([sites2], output_dir=tmp_path / "runs", timeout=TIMEOUT, flwr_home=flwr_home,
+    second = run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
                             stream_to=None, overrides=overrides(target_epsilon=100.0, **common))
-    records = ledger.records()
+    records = dp_lines(state / "site-0" / "ledger.jsonl")
     assert len(records) == 4 and records[2]["run_id"] == second["run_id"] != first["run_id"]
     assert records[2]["epsilon"] > after_first[-1]["epsilon"]  # continues, does not restart at round 1's value
-    # a budget just above what is spent: no site can train another round, the run ends cleanly
-    spent = max(PrivacyLedger(state / s / "ledger.jsonl").records()[-1]["epsilon"] for s in ("site-0", "site-1"))
-    third = run_simulation([sites2], output_dir=tmp_path / "runs", timeout=TIMEOUT, flwr_home=flwr_home,
+    witnessed = json.loads((runs / "federation-state.json").read_text())["sites"]
+    assert witnessed["site-0"]["records"] == 6 and witnessed["site-0"]["run_id"] == second["run_id"]
+
+    # attack: site-0's whole state dir is lost; site-1 has spent (almost) its budget. site-0 must refuse
+    # (the witness), site-1 must refuse (its records would exceed the budget): nothing trains.
+    spent = max(r["epsilon"] for r in dp_lines(state / "site-1" / "ledger.jsonl"))
+    shutil.rmtree(state / "site-0")
+    third = run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
                            stream_to=None, overrides=overrides(target_epsilon=spent * 1.01, **common))
-    assert len(ledger.records()) == 4  # nothing trained, nothing recorded
+    assert not (state / "site-0" / "ledger.jsonl").exists()  # refused before writing anything
+    assert len(PrivacyLedger(state / "site-1" / "ledger.jsonl").records()) == 6  # nothing trained, nothing recorded
+    assert "lost or rolled back" in third["log"]
     summary = (third["run_dir"] / "summary.md").read_text()
     assert "stopped early" in summary and "exhausted" in summary
+    assert main(["audit", str(state), "--federation-state", str(runs / "federation-state.json")]) == 1
 
 
 def test_a_failing_server_app_fails_the_run(tmp_path, flwr_home, sites2):

@@ -13,6 +13,7 @@ non-UTF-8 or invalid file, wrong top-level schema) and an empty result still rai
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ def load_images(paths: Iterable[str | Path], *, image_size: int = 64) -> np.ndar
     """uint8 [N, image_size, image_size, 3] RGB from image files, e.g. new images to caption."""
     _check_image_size(image_size)
     try:
-        images = [_load_image(Path(p), image_size, str(p)) for p in paths]
+        images = [_load_image(Path(p), image_size, str(p))[0] for p in paths]
     except _BadRecord as bad:
         raise CaptionDataError(bad.reason) from None
     if not images:
@@ -248,6 +249,7 @@ def _collect(records: Iterable[_Record], path: Path, label: str, *, image_size: 
     images: list[np.ndarray] = []
     captions: list[tuple[str, ...]] = []
     image_ids: list[str] = []
+    digests: list[str] = []
     seen: set[str] = set()
     skipped: list[SkippedRecord] = []
     for rec in records:
@@ -258,7 +260,7 @@ def _collect(records: Iterable[_Record], path: Path, label: str, *, image_size: 
                 raise _BadRecord(rec.where, "no captions")
             if rec.image_id in seen:
                 raise _BadRecord(rec.where, "duplicate image id")
-            image = _load_image(rec.image_path, image_size, rec.where)
+            image, digest = _load_image(rec.image_path, image_size, rec.where)
         except _BadRecord as bad:
             if not skip_bad:
                 raise CaptionDataError(f"{label}: {bad.where}: {bad.reason}") from None
@@ -267,23 +269,27 @@ def _collect(records: Iterable[_Record], path: Path, label: str, *, image_size: 
         images.append(image)
         captions.append(tuple(rec.captions))
         image_ids.append(rec.image_id)
+        digests.append(digest)
         seen.add(rec.image_id)
     if not images:
         first = f"; first: {skipped[0].record}: {skipped[0].reason}" if skipped else ""
         raise CaptionDataError(f"{label}: no usable records ({len(skipped)} bad{first})")
-    return CaptionSet(images=np.stack(images), captions=captions, image_ids=image_ids, skipped=skipped)
+    return CaptionSet(images=np.stack(images), captions=captions, image_ids=image_ids, skipped=skipped,
+                      source_digests=digests)
 
 
-def _load_image(path: Path | None, size: int, where: str) -> np.ndarray:
-    """uint8 [size, size, 3] RGB: shorter side resized to `size`, then centre-cropped."""
+def _load_image(path: Path | None, size: int, where: str) -> tuple[np.ndarray, str]:
+    """(uint8 [size, size, 3] RGB: shorter side resized to `size`, then centre-cropped; SHA-256 of
+    the file's bytes, the record's identity whatever `size` is)."""
     if path is None or not path.is_file():
         raise _BadRecord(where, f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
+        raw = path.read_bytes()
+        with Image.open(io.BytesIO(raw)) as im:
             im = ImageOps.fit(im.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _BadRecord(where, f"unreadable image {path}: {e}") from None
-    return np.asarray(im, dtype=np.uint8)
+    return np.asarray(im, dtype=np.uint8), hashlib.sha256(raw).hexdigest()
 
 
 def _get(entry: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -32,6 +32,8 @@ class CaptionSet:
     image_ids: N unique string ids
     labels:    optional int [N], one attribute per image used for label-skew partitioning
     skipped:   records a loader skipped (empty unless skipping was requested)
+    source_digests: optional N SHA-256 hex digests of each image's source file bytes (set by the
+               folder loaders), so a record's identity does not depend on the decoding size
     """
 
     images: np.ndarray
@@ -39,6 +41,7 @@ class CaptionSet:
     image_ids: list[str]
     labels: np.ndarray | None = None
     skipped: list[SkippedRecord] = field(default_factory=list)
+    source_digests: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
@@ -59,6 +62,8 @@ class CaptionSet:
             raise ValueError("image_ids must be unique")
         if self.labels is not None and len(self.labels) != n:
             raise ValueError(f"labels must have length {n}, got {len(self.labels)}")
+        if self.source_digests is not None and len(self.source_digests) != n:
+            raise ValueError(f"source_digests must have length {n}, got {len(self.source_digests)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -70,19 +75,27 @@ class CaptionSet:
             captions=[self.captions[i] for i in idx],
             image_ids=[self.image_ids[i] for i in idx],
             labels=None if self.labels is None else self.labels[idx],
+            source_digests=None if self.source_digests is None else [self.source_digests[i] for i in idx],
         )
 
     def references(self) -> dict[str, list[str]]:
         """image id -> reference captions, the form the metrics take."""
         return {i: list(c) for i, c in zip(self.image_ids, self.captions)}
 
-    def fingerprint(self) -> str:
-        """SHA-256 over ids, captions and pixels: the key under which a site's ledger accumulates
-        privacy loss. Any change to the records gives a new fingerprint; the same data loaded
-        again (another run, a restart) gives the same one."""
-        h = hashlib.sha256(b"fedcap-dataset/1")
-        h.update(repr(self.images.shape).encode())
-        for image_id, caps in zip(self.image_ids, self.captions):
-            h.update(repr((image_id, caps)).encode("utf-8"))
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        return h.hexdigest()
+    def record_ids(self) -> list[str]:
+        """Each record's content ID: SHA-256 over its image (the source file's bytes when a loader
+        read one, else the pixels) and its captions. It is the key of the record's privacy history
+        in the site ledger, so it must not change when the same record is loaded again (another
+        run, a restart, another decoding size) and it never leaves the site. The image id is not
+        part of it: renaming a file does not make a record new."""
+        ids = []
+        for k in range(len(self)):
+            h = hashlib.sha256(b"fedcap-record/1\0")
+            if self.source_digests is not None:
+                h.update(b"file\0" + self.source_digests[k].encode())
+            else:
+                h.update(b"pixels\0" + repr(self.images[k].shape).encode() + np.ascontiguousarray(self.images[k]).tobytes())
+            for caption in self.captions[k]:
+                h.update(b"\0caption\0" + caption.encode("utf-8"))
+            ids.append(h.hexdigest())
+        return ids

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 ACCOUNTANTS = ("prv", "rdp", "pld", "dp-rdp")
@@ -55,31 +56,101 @@ class DPSGDEvent:
             self.steps)
 
 
+Signature = tuple[tuple[float, float, int], ...]  # sorted (sample_rate, noise_multiplier, steps), merged
+
+
+def signature(events: Iterable[DPSGDEvent]) -> Signature:
+    """The composition of `events` with one entry per (sample_rate, noise_multiplier), steps summed,
+    sorted: composition is commutative and k + m self-compositions are k + m steps, so every
+    accountant gives the same epsilon for equal signatures (and a cache can key on them)."""
+    steps: dict[tuple[float, float], int] = {}
+    for e in events:
+        if not isinstance(e, DPSGDEvent):
+            raise TypeError(f"events must be DPSGDEvent, got {type(e).__name__}")
+        if e.steps > 0:
+            key = (float(e.sample_rate), float(e.noise_multiplier))
+            steps[key] = steps.get(key, 0) + e.steps
+    return tuple((q, s, n) for (q, s), n in sorted(steps.items()))
+
+
+def add_to_signature(sig: Signature, event: DPSGDEvent) -> Signature:
+    """`sig` composed with one more event, without revisiting the history."""
+    if event.steps == 0:
+        return sig
+    key, merged = (float(event.sample_rate), float(event.noise_multiplier)), dict(((q, s), n) for q, s, n in sig)
+    merged[key] = merged.get(key, 0) + event.steps
+    return tuple((q, s, n) for (q, s), n in sorted(merged.items()))
+
+
+def dominates(a: Signature, b: Signature) -> bool:
+    """Every mechanism of `b` is in `a` with at least as many steps: epsilon(a) >= epsilon(b) for
+    every accountant (composing more never lowers epsilon)."""
+    steps = {(q, s): n for q, s, n in a}
+    return all(steps.get((q, s), 0) >= n for q, s, n in b)
+
+
+def merge_events(events: Iterable[DPSGDEvent]) -> tuple[DPSGDEvent, ...]:
+    """`signature(events)` as DPSGDEvents."""
+    return tuple(DPSGDEvent(sample_rate=q, noise_multiplier=s, steps=n) for q, s, n in signature(events))
+
+
 def compute_epsilon(events: Iterable[DPSGDEvent], *, target_delta: float, accountant: str = "prv") -> float:
     """Epsilon at `target_delta` of the composition of all `events` (0.0 for none)."""
+    return signature_epsilon(signature(events), target_delta=target_delta, accountant=accountant)
+
+
+def signature_epsilon(sig: Signature, *, target_delta: float, accountant: str = "prv") -> float:
+    """Epsilon at `target_delta` of the composition a signature stands for (0.0 for none)."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if not 0 < target_delta < 1:
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta!r}")
-    events = [e for e in events if e.steps > 0]
-    for e in events:
-        if not isinstance(e, DPSGDEvent):
-            raise TypeError(f"events must be DPSGDEvent, got {type(e).__name__}")
-    if not events:
+    return _epsilon(tuple(sig), float(target_delta), accountant)
+
+
+@lru_cache(maxsize=8192)
+def _epsilon(sig: Signature, delta: float, accountant: str) -> float:
+    # a pure function of a merged signature: per-record histories and audit prefixes repeat
+    if not sig:
         return 0.0
+    events = [DPSGDEvent(sample_rate=q, noise_multiplier=s, steps=n) for q, s, n in sig]
     if accountant in ("prv", "rdp"):
-        return _opacus_epsilon(events, target_delta, accountant)
-    return _dp_accounting_epsilon(events, target_delta, accountant)
+        return _opacus_epsilon(events, delta, accountant)
+    return _dp_accounting_epsilon(events, delta, accountant)
 
 
 def _opacus_epsilon(events: Sequence[DPSGDEvent], delta: float, name: str) -> float:
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    if name == "rdp":
+        return _opacus_rdp_epsilon(events, delta)
+    from opacus.accountants import PRVAccountant
 
-    acc = PRVAccountant() if name == "prv" else RDPAccountant()
+    acc = PRVAccountant()
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def _opacus_rdp_epsilon(events: Sequence[DPSGDEvent], delta: float) -> float:
+    """What Opacus's RDPAccountant.get_epsilon computes, with its orders and its conversion, but with
+    the per-step RDP curve of each (sample_rate, noise_multiplier) computed once: RDP composes
+    linearly in steps, so a long ledger's prefixes cost one vector sum each, not a new analysis."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    total = sum(e.steps * _rdp_per_step(e.sample_rate, e.noise_multiplier) for e in events)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(acc.get_epsilon(delta=delta))
+        eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=np.asarray(total), delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=256)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float):
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    return analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                orders=RDPAccountant.DEFAULT_ALPHAS)
 
 
 def _dp_accounting_epsilon(events: Sequence[DPSGDEvent], delta: float, name: str) -> float:

@@ -1,20 +1,25 @@
 """The site privacy ledger: an append-only, hash-chained JSON Lines file on the site's own disk.
 
-One record per DP-SGD training round at the site. The ledger, not the training process and not
-Flower's Context.state, is the source of truth: a site's spent epsilon is recomputed from every
-record with the same `dataset_fingerprint`, across rounds, runs and restarts (see accounting.py
-for the privacy unit, mechanism and accountants).
+The ledger, not the training process and not Flower's Context.state, is the source of truth for
+what a site has spent. Privacy unit: one record (an image with its captions), add/remove
+neighbours. Each "dp-sgd" line is one round's mechanism (`steps` Poisson-sampled Gaussian steps at
+`sample_rate` and `noise_multiplier`) together with the exact set of records it sampled from (the
+`membership` version, stored in membership/ beside the ledger and hashed into the line, so the
+chain covers it: membership.py). A record's epsilon composes every event whose membership holds it,
+across rounds, runs, restarts and whatever else was added or removed meanwhile (individual.py).
+Each "grant" line opens a run: the per-run allowance the site granted and the noise multiplier it
+calibrated to that allowance over the run plan (site_budget.py).
 
-Record fields: format, run_id, server_round, dataset_fingerprint, sample_rate, noise_multiplier,
-steps, max_grad_norm, target_epsilon and target_delta (the site's lifetime budget when the record
-was written), accountant, epsilon (cumulative for that dataset after this record, as the site
-computed it), time (UTC ISO 8601), prev_hash, hash. `hash` is the SHA-256 of
-the record's canonical JSON without `hash`; `prev_hash` is the previous record's hash (64 zeros for
-the first), so an edited, removed, reordered or truncated-then-extended ledger fails `verify`.
+Common fields: format, kind, run_id, time (UTC), prev_hash, hash. `hash` is the SHA-256 of the
+line's canonical JSON without `hash`; `prev_hash` is the previous line's hash (64 zeros for the
+first), so an edited, removed, reordered or truncated-then-extended ledger fails verification. The
+head (last hash, number of lines) is witnessed by the server every round and checked by the site at
+the next one, which catches a ledger deleted, replaced by an older backup or rewritten.
 
-Writes are atomic: the whole file is rewritten to a temporary file, fsynced and renamed over the
-ledger (then the folder is fsynced), under an exclusive lock. A crash leaves either the old or the
-new ledger, never a torn record.
+Writes happen in one transaction per round (`PrivacyLedger.transaction`): lock, read and verify
+once, plan, train, append exactly what was checked, unlock. A write goes to a temporary file that is
+fsynced and renamed over the ledger (then the folder is fsynced), and, with a mirror folder, the
+same bytes and membership files are written there before the lock is released.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,25 +37,41 @@ from typing import Any, Iterator
 
 from shared_model.util import utc_now
 
-from .accounting import ACCOUNTANTS, DPSGDEvent, compute_epsilon
+from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
+from .individual import RecordHistories
+from .membership import MembershipError, MembershipStore
 
-FORMAT = "fedcap-ledger/1"
+FORMAT = "fedcap-ledger/2"
+OLD_FORMATS = ("fedcap-ledger/1",)
 GENESIS = "0" * 64
-FIELDS = ("format", "run_id", "server_round", "dataset_fingerprint", "sample_rate", "noise_multiplier", "steps",
-          "max_grad_norm", "target_epsilon", "target_delta", "accountant", "epsilon", "time", "prev_hash", "hash")
+COMMON = ("format", "kind", "run_id", "time", "prev_hash", "hash")
+FIELDS = {
+    "grant": COMMON + ("requested_epsilon", "granted_epsilon", "noise_multiplier", "sample_rate", "planned_steps",
+                       "num_rounds", "local_epochs", "batch_size", "records", "spent_before", "target_epsilon",
+                       "target_delta", "accountant", "init_checkpoint"),
+    "dp-sgd": COMMON + ("server_round", "membership", "membership_sha256", "records_trained", "records_retired",
+                        "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "target_epsilon",
+                        "target_delta", "accountant", "epsilon", "init_checkpoint"),
+}
+MIGRATE_HINT = "migrate it with `fedcap ledger migrate STATE_DIR --data-dir DIR --format FORMAT` (docs/privacy.md)"
 
 
 class LedgerError(ValueError):
-    """The ledger file is malformed or its hash chain is broken."""
+    """The ledger file is malformed, its hash chain is broken, or its membership files are."""
+
+
+class LedgerRollbackError(LedgerError):
+    """The ledger does not contain the head the server witnessed: lost, rolled back or rewritten."""
 
 
 class BudgetExhaustedError(RuntimeError):
-    """Training would take the dataset past its privacy budget."""
+    """Too few records can train this round without exceeding the site's privacy budget."""
 
-    def __init__(self, *, spent: float, projected: float, target_epsilon: float, target_delta: float) -> None:
+    def __init__(self, *, spent: float, projected: float, target_epsilon: float, target_delta: float,
+                 reason: str = "") -> None:
         self.spent, self.projected, self.target_epsilon, self.target_delta = spent, projected, target_epsilon, target_delta
-        super().__init__(f"privacy budget exhausted: epsilon spent {spent:.4f}, after this round {projected:.4f} "
-                         f"> target_epsilon {target_epsilon} (delta {target_delta:g})")
+        super().__init__(reason or f"privacy budget exhausted: epsilon spent {spent:.4f}, after this round "
+                                   f"{projected:.4f} > target_epsilon {target_epsilon} (delta {target_delta:g})")
 
 
 def record_hash(record: dict[str, Any]) -> str:
@@ -61,31 +84,92 @@ def record_event(record: dict[str, Any]) -> DPSGDEvent:
                       steps=record["steps"])
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_record(record: Any, where: str) -> None:
     if not isinstance(record, dict):
         raise LedgerError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [f for f in FIELDS if f not in record]
+    if record.get("format") in OLD_FORMATS:
+        raise LedgerError(f"{where}: format {record['format']!r} keys spending by a whole-dataset fingerprint, "
+                          f"which adding one record resets; {MIGRATE_HINT}")
+    if record.get("format") != FORMAT:
+        raise LedgerError(f"{where}: format must be {FORMAT!r}, got {record.get('format')!r}")
+    kind = record.get("kind")
+    if kind not in FIELDS:
+        raise LedgerError(f"{where}: kind must be one of {sorted(FIELDS)}, got {kind!r}")
+    missing = [f for f in FIELDS[kind] if f not in record]
     if missing:
         raise LedgerError(f"{where}: missing fields {missing}")
-    if record["format"] != FORMAT:
-        raise LedgerError(f"{where}: format must be {FORMAT!r}, got {record['format']!r}")
-    if record["accountant"] not in ACCOUNTANTS:
+    if record["accountant"] not in OPACUS_ACCOUNTANTS:
         raise LedgerError(f"{where}: unknown accountant {record['accountant']!r}")
-    try:
-        record_event(record)
-    except (ValueError, TypeError) as e:
-        raise LedgerError(f"{where}: {e}") from None
+    if not (_number(record["target_delta"]) and 0 < record["target_delta"] < 1):
+        raise LedgerError(f"{where}: target_delta must be in (0, 1), got {record['target_delta']!r}")
+    if not (_number(record["target_epsilon"]) and record["target_epsilon"] > 0):
+        raise LedgerError(f"{where}: target_epsilon must be a number > 0, got {record['target_epsilon']!r}")
+    if kind == "dp-sgd":
+        if not (_number(record["epsilon"]) and record["epsilon"] >= 0):
+            raise LedgerError(f"{where}: epsilon must be a number >= 0, got {record['epsilon']!r}")
+        try:
+            record_event(record)
+        except (ValueError, TypeError) as e:
+            raise LedgerError(f"{where}: {e}") from None
+
+
+def ledger_head(records: list[dict[str, Any]]) -> tuple[str, int]:
+    """(last hash, number of lines): what the server witnesses."""
+    return (records[-1]["hash"] if records else GENESIS), len(records)
+
+
+def check_witness(records: list[dict[str, Any]], *, head: str, count: int, path: Path) -> None:
+    """LedgerRollbackError unless line `count` of the ledger has hash `head` (the server's witness)."""
+    if count == 0:
+        return
+    if len(records) < count or records[count - 1]["hash"] != head:
+        raise LedgerRollbackError(
+            f"ledger {path} was lost or rolled back: the server witnessed {count} line(s) ending in hash "
+            f"{head[:16]}.., but this ledger has {len(records)} line(s)"
+            + (f" ending in {records[-1]['hash'][:16]}.." if records else "")
+            + ". The site refuses to train, since its privacy spending would restart from an old state. Restore "
+              "the ledger and its membership/ folder from the mirror (node_config ledger-mirror-dir) or a backup "
+              "that holds the witnessed line; see docs/privacy.md, 'Lost or rolled-back ledgers'.")
+
+
+def build_histories(records: list[dict[str, Any]], store: MembershipStore,
+                    ) -> tuple[RecordHistories, list[list[int]]]:
+    """Replay every dp-sgd line: the record histories after the whole ledger, and for each line the
+    groups that took part in it ([] for other kinds). Membership files are verified on the way."""
+    histories, touched = RecordHistories(), []
+    for n, r in enumerate(records, 1):
+        if r["kind"] != "dp-sgd":
+            touched.append([])
+            continue
+        try:
+            members = store.load(r["membership"])
+            sha = store.file_sha256(r["membership"])
+        except MembershipError as e:
+            raise LedgerError(f"ledger line {n}: {e}") from None
+        if sha != r["membership_sha256"] or len(members) != r["records_trained"]:
+            raise LedgerError(f"ledger line {n}: membership file {store.path(r['membership'])} does not match the "
+                              f"hash or record count the ledger line holds")
+        touched.append(histories.add(record_event(r), r["membership"], members))
+    return histories, touched
 
 
 class PrivacyLedger:
-    """A site's ledger file. `path` need not exist yet."""
+    """A site's ledger file (`path` need not exist yet), its membership/ folder, and an optional mirror."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, mirror_dir: str | Path | None = None) -> None:
         self.path = Path(path)
+        self.membership = MembershipStore(self.path.parent / "membership")
+        self.mirror_dir = Path(mirror_dir) if mirror_dir else None
 
     def records(self) -> list[dict[str, Any]]:
-        """Every record, verified (format, fields and hash chain); [] for a missing file."""
+        """Every line, verified (format, fields, hash chain); [] for a new ledger. A ledger that is
+        missing while its membership files or its mirror exist is an error, not a new ledger."""
         if not self.path.exists():
+            self._check_really_new()
             return []
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
@@ -100,77 +184,109 @@ class PrivacyLedger:
                 raise LedgerError(f"{where}: not valid JSON ({e})") from None
             _check_record(record, where)
             if record["prev_hash"] != prev:
-                raise LedgerError(f"{where}: prev_hash does not match the previous record "
-                                  f"(a record was removed, reordered or inserted)")
+                raise LedgerError(f"{where}: prev_hash does not match the previous line "
+                                  f"(a line was removed, reordered or inserted)")
             if record_hash(record) != record["hash"]:
-                raise LedgerError(f"{where}: hash mismatch (the record was edited)")
+                raise LedgerError(f"{where}: hash mismatch (the line was edited)")
             records.append(record)
             prev = record["hash"]
         return records
 
-    def events(self, dataset_fingerprint: str) -> list[DPSGDEvent]:
-        return [record_event(r) for r in self.records() if r["dataset_fingerprint"] == dataset_fingerprint]
-
-    def spent_epsilon(self, dataset_fingerprint: str, *, target_delta: float, accountant: str = "prv") -> float:
-        """Epsilon of every recorded training on this dataset, recomputed (recorded epsilons are not trusted)."""
-        return compute_epsilon(self.events(dataset_fingerprint), target_delta=target_delta, accountant=accountant)
-
-    def check_budget(self, dataset_fingerprint: str, planned: DPSGDEvent, *, target_epsilon: float,
-                     target_delta: float, accountant: str = "prv") -> float:
-        """Epsilon after `planned` on top of the history; BudgetExhaustedError if above target_epsilon."""
-        history = self.events(dataset_fingerprint)
-        projected = compute_epsilon([*history, planned], target_delta=target_delta, accountant=accountant)
-        if projected > target_epsilon:
-            spent = compute_epsilon(history, target_delta=target_delta, accountant=accountant)
-            raise BudgetExhaustedError(spent=spent, projected=projected, target_epsilon=target_epsilon,
-                                       target_delta=target_delta)
-        return projected
-
-    def append(self, *, run_id: str, server_round: int, dataset_fingerprint: str, event: DPSGDEvent,
-               max_grad_norm: float, target_epsilon: float, target_delta: float, accountant: str = "prv"
-               ) -> dict[str, Any]:
-        """Add one round's record, with the cumulative epsilon over the dataset's whole history."""
-        with self._locked():
-            records = self.records()
-            history = [record_event(r) for r in records if r["dataset_fingerprint"] == dataset_fingerprint]
-            record = {
-                "format": FORMAT, "run_id": str(run_id), "server_round": int(server_round),
-                "dataset_fingerprint": dataset_fingerprint, "sample_rate": float(event.sample_rate),
-                "noise_multiplier": float(event.noise_multiplier), "steps": int(event.steps),
-                "max_grad_norm": float(max_grad_norm), "target_epsilon": float(target_epsilon),
-                "target_delta": float(target_delta), "accountant": accountant,
-                "epsilon": compute_epsilon([*history, event], target_delta=target_delta, accountant=accountant),
-                "time": utc_now(),
-                "prev_hash": records[-1]["hash"] if records else GENESIS,
-            }
-            record["hash"] = record_hash(record)
-            self._write([*records, record])
-        return record
+    def _check_really_new(self) -> None:
+        mirrored = self.mirror_dir is not None and (self.mirror_dir / self.path.name).exists()
+        if mirrored or any(self.membership.folder.glob("*.json")):
+            where = f"; a mirrored copy is in {self.mirror_dir}: restore it with " \
+                    f"`cp -a {self.mirror_dir}/. {self.path.parent}/`" if mirrored else ""
+            raise LedgerRollbackError(f"ledger {self.path} is missing but this site has trained before "
+                                      f"(membership files{' and a mirror' if mirrored else ''} exist){where}")
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def transaction(self) -> Iterator["LedgerTransaction"]:
+        """Lock the ledger for one round: read and verify once, then append under the same lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield
+                yield LedgerTransaction(self, self.records())
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
+        _atomic_write(self.path, data)
+        if self.mirror_dir is not None:
+            (self.mirror_dir / "membership").mkdir(parents=True, exist_ok=True)
+            for f in self.membership.folder.glob("*.json"):
+                target = self.mirror_dir / "membership" / f.name
+                if not target.exists():
+                    shutil.copyfile(f, target)
+            _atomic_write(self.mirror_dir / self.path.name, data)
+
+
+class LedgerTransaction:
+    """The verified lines of a locked ledger; `append` writes one more line (atomically)."""
+
+    def __init__(self, ledger: PrivacyLedger, records: list[dict[str, Any]]) -> None:
+        self.ledger, self.records = ledger, records
+        self._histories: RecordHistories | None = None
+
+    @property
+    def head(self) -> tuple[str, int]:
+        return ledger_head(self.records)
+
+    def histories(self) -> RecordHistories:
+        if self._histories is None:
+            self._histories, _ = build_histories(self.records, self.ledger.membership)
+        return self._histories
+
+    def last_membership(self) -> str | None:
+        return next((r["membership"] for r in reversed(self.records) if r["kind"] == "dp-sgd"), None)
+
+    def grant(self, run_id: str) -> dict[str, Any] | None:
+        return next((r for r in self.records if r["kind"] == "grant" and r["run_id"] == str(run_id)), None)
+
+    def append_round(self, *, run_id: str, server_round: int, event: DPSGDEvent, members: list[str], retired: int,
+                     max_grad_norm: float, target_epsilon: float, target_delta: float, accountant: str,
+                     epsilon: float, init_checkpoint: str = "") -> dict[str, Any]:
+        """One DP-SGD round: store its membership (a delta against the last one) and append the line.
+        `epsilon` is the largest cumulative epsilon among `members` after the round, as checked."""
+        store = self.ledger.membership
+        version = store.put(members, base=self.last_membership())
+        return self.append({
+            "kind": "dp-sgd", "run_id": str(run_id), "server_round": int(server_round), "membership": version,
+            "membership_sha256": store.file_sha256(version), "records_trained": len(set(members)),
+            "records_retired": int(retired), "sample_rate": float(event.sample_rate),
+            "noise_multiplier": float(event.noise_multiplier), "steps": int(event.steps),
+            "max_grad_norm": float(max_grad_norm), "target_epsilon": float(target_epsilon),
+            "target_delta": float(target_delta), "accountant": accountant, "epsilon": float(epsilon),
+            "init_checkpoint": str(init_checkpoint)})
+
+    def append(self, fields: dict[str, Any]) -> dict[str, Any]:
+        record = {"format": FORMAT, **fields, "time": utc_now(), "prev_hash": self.head[0]}
+        record["hash"] = record_hash(record)
+        _check_record(record, f"new line for {self.ledger.path}")
+        self.ledger._write([*self.records, record])
+        self.records = [*self.records, record]
+        if self._histories is not None and record["kind"] == "dp-sgd":
+            self._histories.add(record_event(record), record["membership"],
+                                self.ledger.membership.load(record["membership"]))
+        return record
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

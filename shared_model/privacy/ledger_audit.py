@@ -1,40 +1,42 @@
-"""Privacy-budget audit of site ledgers: what each dataset has spent, recomputed, never trusted.
+"""Privacy-budget audit of site ledgers: every record's epsilon, recomputed, never trusted.
 
-Privacy unit and mechanism are those of accounting.py: one record (an image with its captions) of
-one site's dataset, add/remove neighbours; each ledger record is `steps` Poisson-sampled Gaussian
-DP-SGD steps, and a dataset's privacy loss composes every record with its `dataset_fingerprint`.
+Privacy unit and mechanism are those of accounting.py: one record (an image with its captions) at
+one site, add/remove neighbours; each "dp-sgd" ledger line is `steps` Poisson-sampled Gaussian
+steps over the records of its membership file, and a record's privacy loss composes every line
+whose membership holds it (individual.py), across rounds, runs and dataset changes.
 
-For each site ledger and each dataset in it the audit
-- verifies the file (format, fields, hash chain: `PrivacyLedger.records`) and the budget fields;
-- recomputes the spent epsilon at the dataset's `target_delta` with every requested accountant
-  (accounting.compute_epsilon; the recorded epsilon is only compared, never used);
-- recomputes the cumulative epsilon after every record with that record's own accountant and
-  delta, and flags a record whose recorded epsilon is lower (under-reporting);
+For each site ledger the audit
+- verifies the file (format, fields, hash chain) and every membership file it cites (each must
+  rebuild to its content-addressed version and match the hash and count in the line);
+- replays the lines in order, incrementally (records grouped by identical history, one accountant
+  call per distinct history): after each dp-sgd line it recomputes the largest cumulative epsilon
+  among that line's records with the line's own accountant and delta, and flags a line whose
+  recorded epsilon is lower (under-reporting) or above the line's budget (budget exceeded);
+- reports, with every requested accountant, the largest per-record epsilon at the end, the number
+  of records ever trained and retired in the last round, and each run's grant (allowance);
 - compares accountants: prv and pld are both tight, so they must agree within `tolerance`
   (relative); rdp and dp-rdp are upper bounds, flagged only when below a tight one by more than it.
+With a federation state file (the server's witness of each site's ledger head), every witnessed
+head must be found in one of the audited ledgers: a ledger that was deleted, rolled back or
+rewritten is a failure.
 
-Severities: "error" (the ledger cannot be audited: unreadable, malformed, hash chain broken),
-"failure" (budget exceeded, an under-reported record, an epsilon that cannot be recomputed with
-the site's own accountant), "warning" (accountants disagree, budget fields change within one
-dataset, another accountant fails). A broken ledger is an error for its site only; the others
-are still audited. Budget and per-record comparisons allow `record_tolerance` (relative): the
-same accountant on the same events reproduces the site's number, so only numerical noise is allowed.
-
-The hash chain is not signed: it catches edits, removals and reorderings, not a ledger rewritten
-from scratch. Compare `last_hash` with a copy kept elsewhere to detect that.
+Severities: "error" (a ledger cannot be audited), "failure" (budget exceeded, under-reported,
+unverifiable, witnessed head missing), "warning" (accountants disagree, budget fields change, an
+accountant fails). One broken ledger is an error for its site only; the others are still audited.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import re
+from bisect import bisect_left
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .accounting import ACCOUNTANTS, DPSGDEvent, compute_epsilon
-from .ledger import LedgerError, PrivacyLedger, record_event
+from .accounting import ACCOUNTANTS
+from .individual import max_signature_epsilon
+from .ledger import LedgerError, PrivacyLedger, build_histories
 
 DEFAULT_ACCOUNTANTS = ("prv", "rdp", "pld")
 TIGHT = ("prv", "pld")
@@ -48,46 +50,55 @@ SEVERITIES = ("warning", "failure", "error")  # increasing
 class Finding:
     severity: str  # one of SEVERITIES
     kind: str      # malformed-ledger, budget-exceeded, under-reported, unverifiable, accountant-disagreement,
-                   # accountant-failed, inconsistent-budget
+                   # accountant-failed, inconsistent-budget, witness-missing
     site: str
     message: str
-    dataset_fingerprint: str | None = None
     line: int | None = None
 
 
 @dataclass(frozen=True)
-class RecordCheck:
+class LineCheck:
     line: int
     run_id: str
     server_round: int
     accountant: str
+    target_epsilon: float
     target_delta: float
+    records_trained: int
+    records_retired: int
     recorded_epsilon: float
-    recomputed_epsilon: float | None  # cumulative after this record; None if the accountant failed
+    recomputed_epsilon: float | None  # largest cumulative epsilon among the line's records; None: failed
 
 
-@dataclass
-class DatasetAudit:
-    dataset_fingerprint: str
-    rounds: int
-    run_ids: list[str]
-    accountant: str                    # the site's (latest record's)
-    target_epsilon: float              # budget, latest record
-    target_delta: float                # latest record
-    epsilon: dict[str, float | None]   # requested accountant -> recomputed spent epsilon
-    spent_epsilon: float | None        # recomputed with the site's accountant
-    remaining: float | None
-    records: list[RecordCheck]
-    status: str = "ok"                 # ok or the worst severity of its findings
+@dataclass(frozen=True)
+class RunGrant:
+    run_id: str
+    requested_epsilon: float
+    granted_epsilon: float
+    noise_multiplier: float
+    spent_before: float
 
 
 @dataclass
 class SiteAudit:
     site: str
     path: str
-    datasets: list[DatasetAudit] = field(default_factory=list)
-    last_hash: str | None = None
     error: str | None = None
+    last_hash: str | None = None
+    lines: int = 0
+    rounds: int = 0
+    run_ids: list[str] = field(default_factory=list)
+    records: int = 0                        # distinct records ever trained
+    records_retired: int = 0                # in the latest round
+    accountant: str | None = None           # the site's (latest line)
+    target_epsilon: float | None = None     # latest line
+    target_delta: float | None = None
+    epsilon: dict[str, float | None] = field(default_factory=dict)  # accountant -> largest per-record epsilon
+    spent_epsilon: float | None = None      # the site's accountant
+    remaining: float | None = None          # budget - spent (for the most-spent record)
+    grants: list[RunGrant] = field(default_factory=list)
+    checks: list[LineCheck] = field(default_factory=list)
+    status: str = "ok"
 
 
 @dataclass
@@ -109,8 +120,8 @@ class AuditResult:
 
 def find_ledgers(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
     """(site name, ledger file) for each path: a ledger file; a folder holding ledger.jsonl; a run
-    folder with sites/*/ledger.jsonl; a folder with */ledger.jsonl. The site name is the folder
-    holding the ledger (its full path where two would share a name)."""
+    folder with sites/*/ledger.jsonl; a folder with */ledger.jsonl or */state/ledger.jsonl. The site
+    name is the folder holding the ledger (its parent's name for a `state` folder), made unique."""
     if not paths:
         raise ValueError("no path given")
     found: list[Path] = []
@@ -122,20 +133,23 @@ def find_ledgers(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
         elif (p / "ledger.jsonl").is_file():
             found.append(p / "ledger.jsonl")
         else:
-            ledgers = sorted(p.glob("sites/*/ledger.jsonl"), key=_natural) or sorted(p.glob("*/ledger.jsonl"),
-                                                                                         key=_natural)
+            ledgers = next((sorted(p.glob(g), key=_natural) for g in
+                            ("sites/*/ledger.jsonl", "*/ledger.jsonl", "*/state/ledger.jsonl", "sites/*/state/ledger.jsonl")
+                            if list(p.glob(g))), [])
             if not ledgers:
-                raise FileNotFoundError(f"no ledger found under {p} (looked for ledger.jsonl, "
-                                        f"sites/*/ledger.jsonl and */ledger.jsonl)")
+                raise FileNotFoundError(f"no ledger found under {p} (looked for ledger.jsonl, sites/*/ledger.jsonl, "
+                                        f"*/ledger.jsonl and */state/ledger.jsonl)")
             found += ledgers
     found = list(dict.fromkeys(f.resolve() for f in found))  # absolute, each file once
-    names = [f.parent.name for f in found]
+    names = [f.parent.parent.name if f.parent.name == "state" else f.parent.name for f in found]
     return [(n if names.count(n) == 1 else str(f.parent), f) for n, f in zip(names, found)]
 
 
 def audit(paths: Sequence[str | Path], *, accountants: Sequence[str] = DEFAULT_ACCOUNTANTS,
-          tolerance: float = TOLERANCE, record_tolerance: float = RECORD_TOLERANCE) -> AuditResult:
-    """Audit every ledger found under `paths` (see find_ledgers)."""
+          tolerance: float = TOLERANCE, record_tolerance: float = RECORD_TOLERANCE,
+          federation_state: str | Path | None = None, progress=None) -> AuditResult:
+    """Audit every ledger found under `paths` (see find_ledgers), and with `federation_state` check
+    every witnessed head. `progress(done, total, site)` is called after each site."""
     accountants = tuple(accountants)
     bad = [a for a in accountants if a not in ACCOUNTANTS]
     if not accountants or bad:
@@ -143,84 +157,113 @@ def audit(paths: Sequence[str | Path], *, accountants: Sequence[str] = DEFAULT_A
     for name, value in (("tolerance", tolerance), ("record_tolerance", record_tolerance)):
         if not (isinstance(value, (int, float)) and 0 <= value < 1):
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    sites, findings = [], []
-    for site, path in find_ledgers(paths):
-        result, found = audit_ledger(site, path, accountants=accountants, tolerance=tolerance,
-                                     record_tolerance=record_tolerance)
+    ledgers = find_ledgers(paths)
+    sites, findings, hashes = [], [], {}
+    for k, (site, path) in enumerate(ledgers, 1):
+        result, found, chain = audit_ledger(site, path, accountants=accountants, tolerance=tolerance,
+                                            record_tolerance=record_tolerance)
         sites.append(result)
         findings += found
+        hashes[site] = chain
+        if progress is not None:
+            progress(k, len(ledgers), site)
+    if federation_state is not None:
+        findings += check_witnessed_heads(federation_state, hashes)
     return AuditResult(sites, findings, accountants, float(tolerance), float(record_tolerance))
 
 
-def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance: float,
-                 record_tolerance: float) -> tuple[SiteAudit, list[Finding]]:
+def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[str]]) -> list[Finding]:
+    """A failure for every witnessed (site, head, line count) that no audited ledger holds."""
+    path = Path(federation_state)
     try:
-        records = PrivacyLedger(path).records()
-        for n, r in enumerate(records, 1):
-            _check_budget_fields(r, f"ledger {path} line {n}")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        witnessed = doc["sites"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [Finding("error", "malformed-ledger", "(federation)", f"federation state {path} unreadable: {e}")]
+    findings = []
+    for site, w in sorted(witnessed.items()):
+        count, head = int(w["records"]), str(w["head"])
+        if not any(len(chain) >= count and chain[count - 1] == head for chain in chains.values()):
+            findings.append(Finding("failure", "witness-missing", site,
+                                    f"no audited ledger holds the head the server witnessed for {site} "
+                                    f"({count} lines, hash {head[:16]}.., run {w.get('run_id')}): its ledger is "
+                                    f"missing, was rolled back to an older copy, or was rewritten"))
+    return findings
+
+
+def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance: float,
+                 record_tolerance: float) -> tuple[SiteAudit, list[Finding], list[str]]:
+    """(the site's audit, its findings, its ledger's hash chain)."""
+    ledger = PrivacyLedger(path)
+    try:
+        records = ledger.records()
+        histories, touched = build_histories(records, ledger.membership)
     except (LedgerError, OSError) as e:
-        return SiteAudit(site, str(path), error=str(e)), [Finding("error", "malformed-ledger", site, str(e))]
-    by_dataset: dict[str, list[tuple[int, dict[str, Any]]]] = {}
-    for n, r in enumerate(records, 1):
-        by_dataset.setdefault(r["dataset_fingerprint"], []).append((n, r))
-    out = SiteAudit(site, str(path), last_hash=records[-1]["hash"] if records else None)
-    findings: list[Finding] = []
-    for fingerprint, rows in by_dataset.items():
-        dataset, found = _audit_dataset(site, fingerprint, rows, accountants, tolerance, record_tolerance)
-        out.datasets.append(dataset)
-        findings += found
-    return out, findings
-
-
-def _audit_dataset(site: str, fingerprint: str, rows: list[tuple[int, dict[str, Any]]],
-                   accountants: Sequence[str], tolerance: float, rtol: float) -> tuple[DatasetAudit, list[Finding]]:
+        return SiteAudit(site, str(path), error=str(e)), [Finding("error", "malformed-ledger", site, str(e))], []
     findings: list[Finding] = []
 
     def flag(severity: str, kind: str, message: str, line: int | None = None) -> None:
-        findings.append(Finding(severity, kind, site, message, fingerprint, line))
+        findings.append(Finding(severity, kind, site, message, line))
 
-    latest = rows[-1][1]
-    site_accountant, budget, delta = latest["accountant"], latest["target_epsilon"], latest["target_delta"]
-    events = tuple(record_event(r) for _, r in rows)
-
-    checks = []
-    for i, (line, r) in enumerate(rows):
-        recomputed, err = _try_epsilon(events[: i + 1], r["target_delta"], r["accountant"])
-        checks.append(RecordCheck(line, r["run_id"], r["server_round"], r["accountant"], r["target_delta"],
-                                  r["epsilon"], recomputed))
+    out = SiteAudit(site, str(path), last_hash=records[-1]["hash"] if records else None, lines=len(records))
+    rows = [(n, r, touched[n - 1]) for n, r in enumerate(records, 1) if r["kind"] == "dp-sgd"]
+    out.grants = [RunGrant(r["run_id"], r["requested_epsilon"], r["granted_epsilon"], r["noise_multiplier"],
+                           r["spent_before"]) for r in records if r["kind"] == "grant"]
+    prefixes: dict[int, list] = {}  # group -> its signature after each event of its history
+    for k, (n, r, groups) in enumerate(rows):  # the k-th dp-sgd line is event k of the histories
+        sigs = []
+        for g in groups:  # a group made by a later split inherits the history before it
+            if g not in prefixes:
+                prefixes[g] = histories.prefix_signatures(g)
+            sigs.append(prefixes[g][bisect_left(histories.history[g], k)])
+        recomputed, err = _try(lambda: max_signature_epsilon(sigs, target_delta=r["target_delta"],
+                                                             accountant=r["accountant"]))
+        out.checks.append(LineCheck(n, r["run_id"], r["server_round"], r["accountant"], r["target_epsilon"],
+                                    r["target_delta"], r["records_trained"], r["records_retired"], r["epsilon"],
+                                    recomputed))
         if err:
-            flag("failure", "unverifiable", f"line {line}: cannot recompute epsilon with the site's accountant "
-                                            f"{r['accountant']!r}: {err}", line)
-        elif r["epsilon"] < recomputed * (1 - rtol) - 1e-12:
-            flag("failure", "under-reported", f"line {line}: recorded epsilon {r['epsilon']:.6g} < recomputed "
-                                              f"{recomputed:.6g} ({r['accountant']}, delta {r['target_delta']:g})",
-                 line)
+            flag("failure", "unverifiable", f"line {n}: cannot recompute epsilon with the site's accountant "
+                                            f"{r['accountant']!r}: {err}", n)
+            continue
+        if r["epsilon"] < recomputed * (1 - record_tolerance) - 1e-12:
+            flag("failure", "under-reported", f"line {n}: recorded epsilon {r['epsilon']:.6g} < recomputed "
+                                              f"{recomputed:.6g} ({r['accountant']}, delta {r['target_delta']:g})", n)
+        if recomputed > r["target_epsilon"] * (1 + record_tolerance):
+            flag("failure", "budget-exceeded", f"line {n}: a record reached epsilon {recomputed:.6g} "
+                                               f"({r['accountant']}, delta {r['target_delta']:g}) > target_epsilon "
+                                               f"{r['target_epsilon']:g}", n)
+    if rows:
+        latest = rows[-1][1]
+        out.rounds, out.run_ids = len(rows), list(dict.fromkeys(r["run_id"] for _, r, _ in rows))
+        out.records, out.records_retired = len(histories.group_of), latest["records_retired"]
+        out.accountant, out.target_epsilon, out.target_delta = (latest["accountant"], latest["target_epsilon"],
+                                                                latest["target_delta"])
+        live = histories.live_groups()
+        for a in dict.fromkeys([*accountants, out.accountant]):
+            value, err = _try(lambda: histories.max_epsilon(live, target_delta=out.target_delta, accountant=a))
+            if a in accountants:
+                out.epsilon[a] = value
+                if err:
+                    flag("warning", "accountant-failed", f"accountant {a!r} failed: {err}")
+            if a == out.accountant and not err:
+                out.spent_epsilon = value
+                out.remaining = out.target_epsilon - value
+        for message in _disagreements(out.epsilon, tolerance):
+            flag("warning", "accountant-disagreement", message)
+        for key in ("target_delta", "target_epsilon", "accountant"):
+            values = list(dict.fromkeys(r[key] for _, r, _ in rows))
+            if len(values) > 1:
+                flag("warning", "inconsistent-budget", f"{key} changes across the ledger's lines ({values}); each "
+                                                        f"line is checked against its own")
+    out.status = _worst(f.severity for f in findings)
+    return out, findings, [r["hash"] for r in records]
 
-    spent = checks[-1].recomputed_epsilon  # the site's accountant at the dataset's delta, whole history
-    if spent is not None and spent > budget * (1 + rtol):
-        flag("failure", "budget-exceeded", f"epsilon spent {spent:.6g} ({site_accountant}, delta {delta:g}) "
-                                           f"> target_epsilon {budget:g}")
 
-    epsilon: dict[str, float | None] = {}
-    for a in accountants:
-        epsilon[a], err = _try_epsilon(events, delta, a)
-        if err:
-            flag("warning", "accountant-failed", f"accountant {a!r} failed: {err}")
-    for message in _disagreements(epsilon, tolerance):
-        flag("warning", "accountant-disagreement", message)
-
-    for key in ("target_delta", "target_epsilon"):
-        values = {r[key] for _, r in rows}
-        if len(values) > 1:
-            per_line = ", ".join(f"line {n}: {r[key]:g}" for n, r in rows)
-            flag("warning", "inconsistent-budget", f"{key} changes within the dataset's records ({per_line})")
-
-    dataset = DatasetAudit(
-        dataset_fingerprint=fingerprint, rounds=len(rows), run_ids=list(dict.fromkeys(r["run_id"] for _, r in rows)),
-        accountant=site_accountant, target_epsilon=budget, target_delta=delta, epsilon=epsilon, spent_epsilon=spent,
-        remaining=None if spent is None else budget - spent, records=checks,
-        status=_worst(f.severity for f in findings))
-    return dataset, findings
+def _try(fn) -> tuple[float | None, str | None]:
+    try:
+        return fn(), None
+    except (ValueError, ArithmeticError, RuntimeError) as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _disagreements(epsilon: dict[str, float | None], tolerance: float) -> list[str]:
@@ -228,7 +271,7 @@ def _disagreements(epsilon: dict[str, float | None], tolerance: float) -> list[s
     messages = []
     if len(tight) == 2:
         lo, hi = sorted(tight.values())
-        if hi - lo > tolerance * lo:
+        if hi - lo > tolerance * max(lo, 1e-12):
             messages.append(f"prv {tight['prv']:.6g} and pld {tight['pld']:.6g} differ by more than "
                             f"{tolerance:g} (relative)")
     for bound in UPPER_BOUNDS:
@@ -238,35 +281,6 @@ def _disagreements(epsilon: dict[str, float | None], tolerance: float) -> list[s
                 messages.append(f"{bound} {value:.6g} is an upper bound but lies below {a} {tight_value:.6g} "
                                 f"by more than {tolerance:g} (relative)")
     return messages
-
-
-def _check_budget_fields(record: dict[str, Any], where: str) -> None:
-    """What PrivacyLedger.records does not check: the numbers the audit compares against."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-
-    if not (number(record["target_delta"]) and 0 < record["target_delta"] < 1):
-        raise LedgerError(f"{where}: target_delta must be in (0, 1), got {record['target_delta']!r}")
-    if not (number(record["target_epsilon"]) and record["target_epsilon"] > 0):
-        raise LedgerError(f"{where}: target_epsilon must be a number > 0, got {record['target_epsilon']!r}")
-    if not (number(record["epsilon"]) and record["epsilon"] >= 0):
-        raise LedgerError(f"{where}: epsilon must be a number >= 0, got {record['epsilon']!r}")
-    if not isinstance(record["dataset_fingerprint"], str) or not isinstance(record["run_id"], str):
-        raise LedgerError(f"{where}: dataset_fingerprint and run_id must be strings")
-
-
-def _try_epsilon(events: tuple[DPSGDEvent, ...], delta: float, accountant: str) -> tuple[float | None, str | None]:
-    try:
-        return _epsilon(events, delta, accountant), None
-    except (ValueError, ArithmeticError, RuntimeError) as e:
-        return None, f"{type(e).__name__}: {e}"
-
-
-@lru_cache(maxsize=512)
-def _epsilon(events: tuple[DPSGDEvent, ...], delta: float, accountant: str) -> float:
-    # compute_epsilon is a pure function of frozen events: the per-record checks and the dataset's
-    # totals share prefixes, and sites of one federation often share mechanisms.
-    return compute_epsilon(events, target_delta=delta, accountant=accountant)
 
 
 def _worst(severities: Iterable[str]) -> str:

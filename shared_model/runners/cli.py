@@ -37,11 +37,12 @@ def _caption(args: argparse.Namespace) -> int:
 
 AUDIT_EXIT_CODES = """exit codes:
   0  every ledger verified; no failure (warnings allowed unless --strict)
-  1  a failure: a dataset's recomputed epsilon (site's accountant) above its budget, or a record whose
-     recorded epsilon is below the recomputed one; with --strict also any warning (accountants that
-     disagree beyond --tolerance, budget fields that change within a dataset)
+  1  a failure: a record's recomputed epsilon (site's accountant) above its budget, a ledger line whose
+     recorded epsilon is below the recomputed one, or (with --federation-state) a witnessed ledger
+     head that no audited ledger holds (deleted, rolled back, rewritten); with --strict also any
+     warning (accountants that disagree beyond --tolerance, budget fields that change)
   2  a ledger that cannot be audited (malformed, hash chain broken: edited, removed, reordered or
-     torn record), no ledger found, a missing path or a bad argument
+     torn line; a membership file missing or altered), no ledger found, a missing path or a bad argument
 """
 
 
@@ -49,7 +50,12 @@ def _audit(args: argparse.Namespace) -> int:
     from shared_model.privacy import audit, format_table, to_json, write_report
 
     accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
-    result = audit(args.paths, accountants=accountants, tolerance=args.tolerance)
+    def progress(done: int, total: int, site: str) -> None:
+        print(f"audited {site} ({done}/{total}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    result = audit(args.paths, accountants=accountants, tolerance=args.tolerance,
+                   federation_state=args.federation_state, progress=progress)
     print(format_table(result), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         text = json.dumps(to_json(result, strict=args.strict), indent=2)
@@ -61,6 +67,17 @@ def _audit(args: argparse.Namespace) -> int:
     if args.report:
         print(f"report: {write_report(result, args.report)}", file=sys.stderr)
     return result.exit_code(strict=args.strict)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from shared_model.data import load_dataset_folder
+    from shared_model.privacy import migrate_v1
+
+    data = load_dataset_folder(args.format, args.data_dir, image_size=args.image_size)
+    path, n = migrate_v1(args.state_dir, data.record_ids())
+    print(f"migrated {n} event(s) of {args.state_dir / 'ledger.v1.jsonl'} into {path}, each charged to all "
+          f"{len(set(data.record_ids()))} current records")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--tolerance", type=float, default=0.02,
                    help="relative tolerance between accountants (prv vs pld; rdp below them) (default 0.02)")
     a.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    a.add_argument("--federation-state", type=Path, metavar="FILE",
+                   help="the server's federation-state.json: flag every witnessed site whose ledger is missing or "
+                        "behind its witnessed head")
     a.set_defaults(func=_audit)
+
+    g = sub.add_parser("ledger", help="site ledger maintenance (migrate a fedcap-ledger/1 ledger)")
+    gsub = g.add_subparsers(dest="ledger_command", required=True)
+    m = gsub.add_parser("migrate", help="rewrite a fedcap-ledger/1 ledger per record, charging every old event to "
+                                        "every current record (conservative)",
+                        epilog="exit codes: 0 migrated; 2 bad arguments, no or tampered ledger, already migrated")
+    m.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state-dir (holds ledger.jsonl)")
+    m.add_argument("--data-dir", type=Path, required=True, help="the site's data-dir (its current records)")
+    m.add_argument("--format", default="coco", help="coco | karpathy | csv | jsonl (default coco)")
+    m.add_argument("--image-size", type=int, default=64)
+    m.set_defaults(func=_migrate)
 
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         print(f"fedcap {args.command}: error: {e}", file=sys.stderr)
         return 2
 

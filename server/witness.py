@@ -1,0 +1,75 @@
+"""The server's witness of each site's ledger head, kept in a federation state file across runs.
+
+Each DP train reply carries the site's ledger head (last line's hash, number of lines). The server
+keeps the latest head of every site and sends all of them with the next train message; a site whose
+ledger does not hold its witnessed head (deleted, restored from an older backup, rewritten) refuses
+to train. The heads are hashes: they reveal nothing about the records. Simulated sites whose ledger
+lives inside the run folder (`ledger-ephemeral`) are new in every run by design and not witnessed.
+
+File (`fedcap-federation-state/1`, JSON): {"format", "sites": {name: {"head", "records", "run_id",
+"server_round", "time"}}}; written atomically after every round. `fedcap audit --federation-state`
+checks every ledger against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from shared_model.util import utc_now
+
+FORMAT = "fedcap-federation-state/1"
+log = logging.getLogger("flwr")
+
+
+def federation_state_path(run_config: Mapping[str, Any]) -> Path:
+    """`federation-state`, or <output-dir>/federation-state.json: beside the run folders, so it
+    outlives every run."""
+    path = str(run_config.get("federation-state", ""))
+    return Path(path).expanduser().absolute() if path else \
+        Path(str(run_config["output-dir"])).expanduser().absolute() / "federation-state.json"
+
+
+def load_federation_state(path: str | Path) -> dict[str, dict[str, Any]]:
+    """site -> its witnessed head; {} for a missing file; ValueError naming the file if malformed."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        assert doc["format"] == FORMAT and isinstance(doc["sites"], dict)
+        for site, head in doc["sites"].items():
+            assert isinstance(head["head"], str) and isinstance(head["records"], int)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ValueError(f"federation state {path} is not a valid {FORMAT} file ({type(e).__name__}: {e})") from None
+    return doc["sites"]
+
+
+class FederationState:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.sites = load_federation_state(self.path)
+
+    def train_config(self) -> dict[str, list]:
+        """The witnessed heads as ConfigRecord lists, for every site (each finds its own)."""
+        names = sorted(self.sites)
+        return {"witness-sites": names, "witness-heads": [self.sites[s]["head"] for s in names],
+                "witness-counts": [int(self.sites[s]["records"]) for s in names]}
+
+    def observe(self, site: str, *, head: str, records: int, run_id: str, server_round: int) -> None:
+        before = self.sites.get(site)
+        if before is not None and records < before["records"]:
+            log.warning("%s reported a ledger of %d lines, fewer than the %d witnessed: ignored", site, records,
+                        before["records"])
+            return
+        self.sites[site] = {"head": head, "records": int(records), "run_id": str(run_id),
+                            "server_round": int(server_round), "time": utc_now()}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "sites": self.sites}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)

@@ -1,0 +1,137 @@
+"""The site's budget cannot be bypassed: per-record accounting with retirement, witnessed ledgers,
+site-owned budgets, per-run allowances. Real Opacus training rounds on a tiny captioner, real files."""
+
+import shutil
+
+import pytest
+from conftest import tiny_config
+
+from client.settings import site_budget, witnessed_head
+from client.trainer import LocalTraining, train_round
+from shared_model.data import load_embedded, synthetic_vocabulary
+from shared_model.model import Captioner
+from shared_model.privacy import (BudgetExhaustedError, LedgerRollbackError, PrivacyLedger, RunRequest, SiteBudget,
+                                  build_histories)
+
+VOCAB = synthetic_vocabulary()
+TRAINING = LocalTraining(local_epochs=1, batch_size=16, lr=1e-3)
+BUDGET = SiteBudget(target_epsilon=3.0, target_delta=1e-3, accountant="rdp")
+
+
+def data(n, offset=0):
+    full = load_embedded("train", offset + n, seed=0, image_size=32)
+    return full.subset(range(offset, offset + n))
+
+
+def run(ledger, records, *, run_id="r1", rounds=2, run_epsilon=2.0, server_round=1, budget=BUDGET, witness=None):
+    model = Captioner(tiny_config(vocab_size=len(VOCAB), max_len=20))
+    request = RunRequest(run_id=run_id, run_epsilon=run_epsilon, num_rounds=rounds, local_epochs=1, batch_size=16)
+    return train_round(model=model, data=records, vocab=VOCAB, training=TRAINING, budget=budget, ledger=ledger,
+                       request=request, server_round=server_round, witness=witness)
+
+
+def per_record(ledger):
+    histories, _ = build_histories(ledger.records(), ledger.membership)
+    return {rid: histories.epsilon(g, target_delta=1e-3, accountant="rdp") for rid, g in histories.group_of.items()}
+
+
+def test_adding_a_record_after_exhaustion_does_not_reset_anyone(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    old = data(40)
+    assert 2.9 < run(ledger, old, run_id="r1", run_epsilon=3.0, rounds=1)["epsilon"] <= 3.0
+    with pytest.raises(BudgetExhaustedError, match="budget exhausted"):  # nothing is left for a new run
+        run(ledger, old, run_id="r2", rounds=1, run_epsilon=3.0)
+    before = per_record(ledger)
+    grown = load_embedded("train", 60, seed=0, image_size=32)  # the same 40 records and 20 new ones
+    metrics = run(ledger, grown, run_id="r3", rounds=1, run_epsilon=3.0)
+    assert (metrics["records-trained"], metrics["records-retired"], metrics["num-examples"]) == (20, 40, 20)
+    after = per_record(ledger)
+    assert all(after[rid] == pytest.approx(eps) for rid, eps in before.items())  # no one's epsilon went down
+    assert max(after.values()) <= 3.0 * (1 + 1e-9)
+    five_new = load_embedded("train", 65, seed=0, image_size=32).subset([*range(40), *range(60, 65)])
+    with pytest.raises(BudgetExhaustedError, match="only 5 of 45 records can train"):  # min-records refuses
+        run(ledger, five_new, run_id="r4", rounds=1, run_epsilon=3.0,
+            budget=SiteBudget(target_epsilon=3.0, target_delta=1e-3, accountant="rdp", min_records=10))
+
+
+def test_removing_and_re_adding_a_record_keeps_its_history(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    records = data(30)
+    run(ledger, records, rounds=3)
+    first = per_record(ledger)
+    run(ledger, records.subset(range(1, 30)), server_round=2, rounds=3)
+    run(ledger, records, server_round=3, rounds=3)
+    after = per_record(ledger)
+    ids = records.record_ids()
+    assert after[ids[0]] > first[ids[0]]  # back in: its history went on, not from zero
+    assert after[ids[1]] > after[ids[0]]  # it missed one round
+    assert len(list((tmp_path / "membership").glob("*.json"))) == 2
+
+
+def test_a_run_spends_its_allowance_not_the_lifetime(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    records = data(40)
+    budget = SiteBudget(target_epsilon=8.0, target_delta=1e-3, accountant="rdp", max_run_epsilon=2.0)
+    for rnd in (1, 2):
+        metrics = run(ledger, records, rounds=2, run_epsilon=6.0, server_round=rnd, budget=budget)
+    assert metrics["run-epsilon-granted"] == 2.0  # the site's own cap beats the server's request
+    assert metrics["epsilon"] <= 2.0 * (1 + 1e-6) and metrics["epsilon-remaining"] >= 6.0 - 1e-6
+    with pytest.raises(BudgetExhaustedError, match="beyond that plan"):
+        run(ledger, records, rounds=2, run_epsilon=6.0, server_round=3, budget=budget)
+    second = run(ledger, records, run_id="r2", rounds=1, run_epsilon=6.0, budget=budget)
+    assert second["records-trained"] == 40 and second["epsilon"] > metrics["epsilon"]  # room for another run
+
+
+@pytest.mark.parametrize("loss", ["delete-ledger", "delete-state", "old-backup"])
+def test_a_lost_or_rolled_back_ledger_refuses(tmp_path, loss):
+    state = tmp_path / "state"
+    ledger = PrivacyLedger(state / "ledger.jsonl", mirror_dir=tmp_path / "mirror")
+    records = data(30)
+    run(ledger, records, rounds=3)
+    backup = tmp_path / "backup"
+    shutil.copytree(state, backup)
+    metrics = run(ledger, records, rounds=3, server_round=2)
+    witness = (metrics["ledger-head"], metrics["ledger-records"])  # what the server keeps
+    if loss == "delete-ledger":
+        (state / "ledger.jsonl").unlink()
+        match = "missing but this site has trained before"
+    elif loss == "delete-state":  # the whole state dir: only the server's witness remembers
+        shutil.rmtree(state)
+        shutil.move(tmp_path / "mirror", tmp_path / "mirror-offline")
+        match = "lost or rolled back"
+    else:
+        shutil.rmtree(state)
+        shutil.copytree(backup, state)
+        match = "lost or rolled back"
+    with pytest.raises(LedgerRollbackError, match=match):
+        run(ledger, records, rounds=3, server_round=3, witness=witness)
+    # the mirror, written in the same transaction, restores it
+    shutil.rmtree(state, ignore_errors=True)
+    if loss == "delete-state":
+        shutil.move(tmp_path / "mirror-offline", tmp_path / "mirror")
+    shutil.copytree(tmp_path / "mirror", state)
+    assert run(ledger, records, rounds=3, server_round=3, witness=witness)["ledger-records"] == 4
+
+
+def test_the_witness_travels_in_the_train_config():
+    config = {"witness-sites": ["site-0", "site-1"], "witness-heads": ["aa", "bb"], "witness-counts": [3, 5]}
+    assert witnessed_head(config, "site-1") == ("bb", 5) and witnessed_head(config, "site-9") is None
+
+
+def test_in_deployment_only_the_site_sets_its_budget():
+    run_config = {"dp": False, "target-epsilon": 100.0, "target-delta": 0.9, "accountant": "prv",
+                  "max-grad-norm": 1.0, "noise-multiplier": 0.0}
+    node = {"data-dir": "/data", "target-epsilon": 6.0, "target-delta": 1e-6}
+    budget = site_budget(run_config, node)
+    assert (budget.target_epsilon, budget.target_delta, budget.accountant) == (6.0, 1e-6, "rdp")
+    assert budget.max_run_epsilon == 1.5  # a quarter of the lifetime: room for several runs
+    with pytest.raises(ValueError, match=r"node_config lacks \['target-delta'\]"):
+        site_budget(run_config, {"data-dir": "/data", "target-epsilon": 6.0})
+    simulated = site_budget({**run_config, "dp": True, "target-delta": 1e-5}, {"partition-id": 0})
+    assert (simulated.target_epsilon, simulated.target_delta, simulated.accountant) == (100.0, 1e-5, "prv")
+
+
+def test_a_delta_above_one_over_n_is_refused(tmp_path):
+    budget = SiteBudget(target_epsilon=8.0, target_delta=0.05, accountant="rdp")
+    with pytest.raises(ValueError, match=r"target-delta 0.05 is above 1/\(number of records\)"):
+        run(PrivacyLedger(tmp_path / "ledger.jsonl"), data(30), budget=budget)
