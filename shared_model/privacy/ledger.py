@@ -28,14 +28,12 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared_model.util import utc_now
+from shared_model.util import atomic_write, utc_now
 
 from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
 from .individual import RecordHistories
@@ -213,14 +211,14 @@ class PrivacyLedger:
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
-        _atomic_write(self.path, data)
+        atomic_write(self.path, data)
         if self.mirror_dir is not None:
             (self.mirror_dir / "membership").mkdir(parents=True, exist_ok=True)
             for f in self.membership.folder.glob("*.json"):
                 target = self.mirror_dir / "membership" / f.name
                 if not target.exists():
                     shutil.copyfile(f, target)
-            _atomic_write(self.mirror_dir / self.path.name, data)
+            atomic_write(self.mirror_dir / self.path.name, data)
 
 
 class LedgerTransaction:
@@ -272,21 +270,3 @@ class LedgerTransaction:
                                 self.ledger.membership.load(record["membership"]))
         return record
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from shared_model.util import atomic_write
 
 FORMAT = "fedcap-membership/1"
 SNAPSHOT_EVERY = 64  # chain depth after which a version is stored whole
@@ -70,7 +70,7 @@ class MembershipStore:
             base, base_set, depth = None, frozenset(), 0
         doc = {"format": FORMAT, "version": version, "base": base, "depth": depth, "count": len(members),
                "added": sorted(members - base_set), "removed": sorted(base_set - members)}
-        self._write(self.path(version), json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+        atomic_write(self.path(version), json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
         self._cache[version] = members
         return version
 
@@ -117,16 +117,3 @@ class MembershipStore:
                 or doc["version"] != version:
             raise MembershipError(f"membership file {path} is not a {FORMAT} file for version {version}")
         return doc
-
-    def _write(self, path: Path, data: bytes) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
