@@ -109,7 +109,15 @@ def witnessed_head(train_config: Mapping[str, Any], site: str) -> tuple[str, int
 
 
 def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> LocalTraining:
+    shape = str(run_config.get("physical-batch-shape", "auto"))
+    if shape not in ("auto", "fixed", "variable"):
+        raise ValueError(f"physical-batch-shape must be auto, fixed or variable, got {shape!r}")
+    if shape == "auto":
+        import torch
+
+        shape = "fixed" if torch.cuda.is_available() else "variable"
     return LocalTraining(local_epochs=int(run_config["local-epochs"]), batch_size=int(run_config["batch-size"]),
                          lr=float(run_config["lr"]),
                          max_physical_batch_size=int(run_config["max-physical-batch-size"]),
-                         proximal_mu=float(train_config.get("proximal-mu", 0.0)))
+                         proximal_mu=float(train_config.get("proximal-mu", 0.0)),
+                         fixed_batch_shapes=shape == "fixed")

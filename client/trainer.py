@@ -36,6 +36,7 @@ class LocalTraining:
     lr: float
     max_physical_batch_size: int = 128
     proximal_mu: float = 0.0  # FedProx: after each step, w -= lr * mu * (w - w_global)
+    fixed_batch_shapes: bool = False  # DP: pad every physical batch to max_physical_batch_size (GPU)
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
@@ -119,6 +120,7 @@ def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: Loca
     for _ in range(training.local_epochs):
         stats = train_epoch(wrapped, optimizer, loader, device=device,
                             max_physical_batch_size=training.max_physical_batch_size if event else None,
-                            after_step=proximal_pull if global_weights is not None else None)
+                            after_step=proximal_pull if global_weights is not None else None,
+                            fixed_batch_shapes=training.fixed_batch_shapes and event is not None)
         losses.append(stats["loss"])
     return losses

@@ -14,7 +14,7 @@ _MODULES = {  # submodule: its public names
     'encoders': ('build_encoder', 'load_resnet18_backbone'),
     'layers': ('LSTM', 'MultiHeadAttention', 'TransformerDecoderLayer', 'sinusoidal_positions',
                'sinusoidal_positions_2d'),
-    'training': ('train_epoch',),
+    'training': ('pad_batch', 'train_epoch'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)

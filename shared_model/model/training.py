@@ -11,13 +11,35 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 
+def pad_batch(images: torch.Tensor, captions: torch.Tensor, size: int, pad_id: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a physical batch to `size` rows with masked rows: zero images and captions of `pad_id`
+    only. caption_loss gives such a row a loss of exactly 0 (no tokens), so its gradient, its
+    per-sample norm and its share of the clipped sum are exactly 0, while the per-caption mean over
+    `size` rows is what Opacus's loss_reduction="mean" rescales by: real rows keep their own
+    gradients. Poisson sampling (and so the accounting) is unchanged; only the shapes are fixed."""
+    n = images.shape[0]
+    if n > size:
+        raise ValueError(f"physical batch of {n} rows is larger than the fixed size {size}")
+    if n == size:
+        return images, captions
+    images = torch.cat([images, images.new_zeros((size - n, *images.shape[1:]))])
+    captions = torch.cat([captions, captions.new_full((size - n, *captions.shape[1:]), pad_id)])
+    return images, captions
+
+
 def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader, *, device: torch.device | str,
                 max_physical_batch_size: int | None = None, log: Callable[[str], None] | None = None,
-                log_every: int = 0, after_step: Callable[[], None] | None = None) -> dict[str, float]:
+                log_every: int = 0, after_step: Callable[[], None] | None = None,
+                fixed_batch_shapes: bool = False) -> dict[str, float]:
     """One pass over `data_loader`. With an Opacus optimizer and `max_physical_batch_size`, logical
-    batches are split by BatchMemoryManager (the optimizer only steps at logical batch ends).
+    batches are split by BatchMemoryManager (the optimizer only steps at logical batch ends); with
+    `fixed_batch_shapes` every physical batch is padded to `max_physical_batch_size` masked rows
+    (`pad_batch`), so a GPU sees one shape instead of a new one per Poisson batch.
     `after_step` runs after every real optimizer step (e.g. FedProx's pull to the global weights).
     Returns the mean per-caption loss over examples, examples seen and optimizer steps."""
+    if fixed_batch_shapes and not max_physical_batch_size:
+        raise ValueError("fixed_batch_shapes needs max_physical_batch_size (the fixed size)")
     model.train()
     is_private = hasattr(optimizer, "noise_multiplier")
     if is_private and max_physical_batch_size:
@@ -31,8 +53,15 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
     with ctx as loader:
         for i, (images, captions) in enumerate(loader):
             images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+            n = images.shape[0]
+            if fixed_batch_shapes:
+                images, captions = pad_batch(images, captions, max_physical_batch_size)
             optimizer.zero_grad(set_to_none=True)
             _, loss = model(images, captions)
+            if fixed_batch_shapes and n:
+                loss_report = loss.detach() * images.shape[0] / n  # the mean over real rows
+            else:
+                loss_report = loss.detach()
             loss.backward()
             optimizer.step()
             skipped = is_private and getattr(optimizer, "_is_last_step_skipped", False)
@@ -40,8 +69,7 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
                 steps += 1
                 if after_step is not None:
                     after_step()
-            n = images.shape[0]
-            total += float(loss.detach()) * n
+            total += float(loss_report) * n
             examples += n
             if log and log_every and (i + 1) % log_every == 0:
                 log(f"  batch {i + 1}: loss {float(loss):.3f}")
