@@ -36,7 +36,8 @@ def site_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     from .site_data import deployed_site_data, simulated_site_data
 
     if "data-dir" in node_config:
-        return deployed_site_data(node_config, image_size=int(run_config["image-size"]))
+        cache = Path(str(node_config["state-dir"])).expanduser() / "cache" if "state-dir" in node_config else None
+        return deployed_site_data(node_config, image_size=int(run_config["image-size"]), cache_dir=cache)
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError("node_config needs 'data-dir' (deployment) or 'partition-id' and 'num-partitions' "
                          "(simulation)")

@@ -72,13 +72,24 @@ def _with_canaries(train: CaptionSet, run_config: Mapping[str, Any], *, partitio
     return append_records(train, canaries)
 
 
-def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
+def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int,
+                       cache_dir: Path | None = None) -> tuple[CaptionSet, CaptionSet]:
     """`data-dir` holds the site's files; `dataset-format` is coco (captions.json + images/),
-    karpathy (dataset.json + images/), csv (captions.csv) or jsonl (captions.jsonl)."""
+    karpathy (dataset.json + images/), csv (captions.csv) or jsonl (captions.jsonl). With
+    `cache_dir` the decoded records are cached there, keyed by the folder's content (data_cache.py)."""
     from shared_model.data import load_dataset_folder
 
     if "data-dir" not in node_config:
         raise ValueError("node_config has no 'data-dir' (start the SuperNode with --node-config \"data-dir=...\")")
-    data = load_dataset_folder(str(node_config.get("dataset-format", "coco")), Path(str(node_config["data-dir"])),
-                               image_size=image_size, skip_bad=bool(node_config.get("skip-bad-records", False)))
+    fmt, root = str(node_config.get("dataset-format", "coco")), Path(str(node_config["data-dir"]))
+    skip_bad = bool(node_config.get("skip-bad-records", False))
+
+    def load() -> CaptionSet:
+        return load_dataset_folder(fmt, root, image_size=image_size, skip_bad=skip_bad)
+
+    if cache_dir is None or not root.is_dir():
+        return _split_held_out(load())
+    from .data_cache import cached_load, folder_key
+
+    data, _ = cached_load(cache_dir, folder_key(root, format=fmt, image_size=image_size, skip_bad=skip_bad), load)
     return _split_held_out(data)
