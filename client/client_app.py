@@ -31,6 +31,9 @@ def _model_and_vocab(msg: Message, context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from .timing import Phases
+
+    phases = Phases()
     from shared_model.model import model_state
     from shared_model.privacy import BudgetExhaustedError, ledger_head
 
@@ -45,7 +48,9 @@ def train(msg: Message, context: Context) -> Message:
     ledger = site_ledger(rc, nc, context.run_id) if budget is not None else None
     ephemeral = ledger_is_ephemeral(rc, nc)
     site = {"name": name, "ledger-ephemeral": ephemeral}
+    phases.mark("setup")
     train_set, _ = site_data(rc, nc)
+    phases.mark("data")
     try:
         metrics = train_round(model=model, data=train_set, vocab=vocab, training=local_training(rc, config),
                               budget=budget, ledger=ledger,
@@ -69,8 +74,11 @@ def train(msg: Message, context: Context) -> Message:
                         "noise-multiplier": 0.0, "sample-rate": 0.0, "steps": 0})
     else:
         site.update({"ledger-head": metrics.pop("ledger-head"), "ledger-records": metrics.pop("ledger-records")})
-    content = RecordDict({"arrays": ArrayRecord(model_state(model)), "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord(site)})
+    phases.mark("train")
+    arrays = ArrayRecord(model_state(model))
+    phases.mark("reply")
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({**site, **phases.record()})})
     return Message(content=content, reply_to=msg)
 
 
