@@ -12,8 +12,9 @@ from deploy.credentials import make_site_key, make_tls
 from deploy.local import LoopbackDeployment
 from shared_model.runners.flower_runtime import alive, free_port
 from deploy.site_data import export_sites, write_coco_folder
-from shared_model.data import load_dataset, load_embedded, synthetic_vocabulary
+from shared_model.data import load_dataset, load_embedded
 from shared_model.privacy import PrivacyLedger
+from shared_model.runners import main as cli_main
 
 TINY = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "image-size": 32, "model-d-model": 32,
         "model-num-heads": 2, "model-ffn-dim": 32, "model-dropout": 0.0, "server-eval-size": 30,
@@ -62,7 +63,8 @@ def test_exported_site_folders_load_back_unchanged(tmp_path):
 def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
     # the server's own evaluation folder and operator-supplied vocabulary (item 5), as files
     eval_dir = write_coco_folder(load_embedded("test", 30, image_size=32), tmp_path / "server-eval")
-    synthetic_vocabulary().save(tmp_path / "vocab.json")
+    # the operator builds the vocabulary from public text (here: the server's own folder) with fedcap vocab
+    assert cli_main(["vocab", str(eval_dir), "--out", str(tmp_path / "vocab.json")]) == 0
     run_config = {**TINY, "server-eval-data": str(eval_dir), "vocab-file": str(tmp_path / "vocab.json")}
     deployment = LoopbackDeployment(tmp_path / "deploy", num_sites=2, target_epsilon=6.0)
     with deployment:

@@ -36,3 +36,20 @@ def test_bad_vocabulary_files_are_refused(tmp_path):
         Vocabulary.load(tmp_path / "other.json")
     with pytest.raises(ValueError, match="min_count must be >= 1, got 0"):
         Vocabulary.build(["a"], min_count=0)
+
+
+def test_fedcap_vocab_builds_a_file_from_a_coco_folder(tmp_path, capsys):
+    from deploy.site_data import write_coco_folder
+    from shared_model.data import Vocabulary, load_embedded
+    from shared_model.runners import main
+
+    public = write_coco_folder(load_embedded("train", 30, image_size=32), tmp_path / "public")
+    other = write_coco_folder(load_embedded("test", 10, image_size=32), tmp_path / "other")
+    out = tmp_path / "vocab.json"
+    assert main(["vocab", str(public), "--out", str(out), "--max-size", "20", "--coverage", str(other)]) == 0
+    printed = capsys.readouterr().out
+    vocab = Vocabulary.load(out)
+    assert len(vocab) == 24 and "vocabulary: 20 words" in printed and f"coverage of {other}:" in printed
+    assert main(["vocab", str(public), "--out", str(out)]) == 2  # no silent overwrite
+    assert "exists" in capsys.readouterr().err
+    assert main(["vocab", str(tmp_path / "missing"), "--out", str(tmp_path / "v2.json")]) == 2

@@ -38,13 +38,21 @@ class Vocabulary:
             raise ValueError(f"duplicate vocabulary words: {dupes[:5]}")
 
     @classmethod
-    def build(cls, captions: Iterable[str], *, min_count: int = 1) -> "Vocabulary":
-        """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
+    def build(cls, captions: Iterable[str], *, min_count: int = 1, max_size: int | None = None) -> "Vocabulary":
+        """Words seen at least `min_count` times, most frequent first (ties alphabetical), at most
+        `max_size` words (special tokens not counted)."""
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
         counts = Counter(w for c in captions for w in tokenize(c))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-        return cls(kept)
+        return cls(kept[:max_size])
+
+    def coverage(self, captions: Iterable[str]) -> float:
+        """The fraction of the captions' tokens that are in the vocabulary (not <unk>); 1.0 for none."""
+        tokens = [w for c in captions for w in tokenize(c)]
+        return sum(w in self.stoi for w in tokens) / len(tokens) if tokens else 1.0
 
     def __len__(self) -> int:
         return len(self.itos)

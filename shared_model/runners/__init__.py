@@ -10,6 +10,7 @@ _MODULES = {  # submodule: its public names
     'flower_runtime': ('ROOT', 'alive', 'default_run_config', 'descendants', 'flower_env', 'flwr_run', 'free_port',
                        'local_superlink_ports', 'pump_output', 'run_status', 'stop_pids', 'stop_superlink',
                        'superlink_pids', 'toml_value', 'write_run_config'),
+    'vocab_cmd': ('VOCAB_EXIT_CODES', 'add_vocab_parser', 'run_vocab'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)

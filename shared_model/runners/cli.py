@@ -82,6 +82,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .centralized import CentralizedConfig
+    from .vocab_cmd import add_vocab_parser
 
     parser = argparse.ArgumentParser(prog="fedcap", description="Federated DP image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's federation-state.json: flag every witnessed site whose ledger is missing or "
                         "behind its witnessed head")
     a.set_defaults(func=_audit)
+
+    add_vocab_parser(sub)
 
     g = sub.add_parser("ledger", help="site ledger maintenance (migrate a fedcap-ledger/1 ledger)")
     gsub = g.add_subparsers(dest="ledger_command", required=True)
