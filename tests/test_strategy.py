@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.strategy import FedCapStrategy, NoSiteCanTrain, RoundFailed, build_strategy
 from server.update_checks import TRAIN_METRICS
@@ -17,12 +16,8 @@ from conftest import tiny_config
 
 
 @pytest.fixture(autouse=True)
-def _server_identity():
-    """What Flower's ServerApp runtime sets before a ServerApp builds Messages."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+def _server_task(flower_task):
     yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture(scope="module")
