@@ -134,6 +134,15 @@ def test_a_round_in_which_no_site_trained_fails_the_run_naming_each_site_error(t
     assert [r["round"] for r in rounds(run_dir)] == [0] and not (run_dir / "checkpoints").exists()
 
 
+def test_too_few_connected_nodes_fail_the_run_after_node_wait_timeout(tmp_path, flwr_home, sites2):
+    # Flower alone would wait forever for a third node ("1 connected (minimum required: 2)" in issue 12)
+    with pytest.raises(RunFailed) as err:
+        run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
+                       overrides=overrides(num_server_rounds=1, min_available_nodes=3, node_wait_timeout=3.0))
+    summary = (err.value.run_dir / "summary.md").read_text()
+    assert "2 node(s) connected, fewer than the 3 needed" in summary and "node-wait-timeout 3 s" in summary
+
+
 def test_a_corrupt_resume_checkpoint_fails_the_run_naming_the_file(tmp_path, flwr_home, sites2):
     from shared_model.data import synthetic_vocabulary
     from shared_model.model import Captioner
