@@ -196,8 +196,8 @@ class FedCapStrategy(Strategy):
                 self._reject(server_round, self._node_label(msg), node, e)
                 continue
             metrics = msg.content["metrics"] if "metrics" in msg.content else MetricRecord()
-            self._record_budget(site, metrics)
             if metrics.get("budget-exhausted", 0):
+                self._record_budget(site, metrics)
                 refused += 1
                 self.exhausted.add(site)
                 reason = str(msg.content["site"].get("budget-exhausted", "budget exhausted")) \
@@ -223,6 +223,8 @@ class FedCapStrategy(Strategy):
                                             max_ratio=self.max_update_norm_ratio).items():
             self._reject(server_round, site, candidates.pop(site)[0].metadata.src_node_id,
                          UpdateRejected("update-norm", norms[site], reason))
+        for site, (msg, _, _) in candidates.items():  # only from replies that passed every check
+            self._record_budget(site, msg.content["metrics"])
         if len(candidates) < self.min_train_nodes:
             failed = [f for f in self.failures if f["round"] == server_round]
             detail = "; ".join(f"{f['site']} {f['kind']}: {f['reason']}" for f in failed) or "no replies"

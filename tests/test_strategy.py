@@ -111,6 +111,7 @@ def test_a_malformed_reply_is_rejected_for_that_site_only(global_model, case, ca
     assert failure["site"] == "site-3" and failure["node"] == 3 and failure["kind"] == "rejected"
     assert failure["reason"].startswith(f"{CASES[case]} check failed")
     assert f"rejected the update of site-3 (node 3): check {CASES[case]}" in caplog.text
+    assert set(s.site_budget) == {"site-1", "site-2"}  # nothing a rejected reply says is recorded
     assert s.trained_rounds == [1]
 
 
