@@ -7,6 +7,8 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from shared_model.run_settings import validate_node_config
+
 app = ClientApp()
 log = logging.getLogger("flwr")
 
@@ -31,6 +33,7 @@ def _model_and_vocab(msg: Message, context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    validate_node_config(context.node_config)  # a named error reply before anything else
     from .timing import Phases
 
     phases = Phases()
@@ -84,6 +87,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    validate_node_config(context.node_config)  # a named error reply before anything else
     from shared_model.evaluation import evaluate as evaluate_model
 
     from .settings import site_data, site_name

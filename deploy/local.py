@@ -32,7 +32,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from shared_model.runners.flower_runtime import ROOT, alive, flower_env, flwr_run, free_port, stop_pids
+from shared_model.run_settings import validate_run_config
+from shared_model.runners.flower_runtime import (ROOT, RunFailed, alive, default_run_config, flower_env, flwr_run,
+                                                 free_port, stop_pids)
 
 CONNECTION = "fedcap-deploy"
 
@@ -164,16 +166,17 @@ class LoopbackDeployment:
 
     # -- a run -------------------------------------------------------------------------------
     def run(self, run_config: dict | None = None, *, timeout: float = 3600, stream_to=sys.stdout) -> dict:
-        """`flwr run . <connection>`; returns {"run_id", "status", "run_dir", "log"}, or RuntimeError
-        unless the run's status is finished:completed."""
+        """`flwr run . <connection>`; returns {"run_id", "status", "run_dir", "log"}; RunFailed unless
+        the run's status is finished:completed; TypeError/ValueError for a bad setting."""
         config = {"output-dir": str(self.workdir / "server"), "min-train-nodes": self.num_sites,
                   "min-evaluate-nodes": self.num_sites, "min-available-nodes": self.num_sites, **(run_config or {})}
         config["output-dir"] = str(Path(str(config["output-dir"])).absolute())
+        validate_run_config({**default_run_config(), **config})  # the ServerApp's own schema, before Flower
         run_id, status, log = flwr_run(config, self.env, timeout=timeout, stream_to=stream_to, connection=CONNECTION)
+        run_dir = Path(config["output-dir"]) / f"run-{run_id}"
         if status != "finished:completed":
-            raise RuntimeError(f"run {run_id} ended with status {status!r}; log tail:\n{log[-3000:]}")
-        return {"run_id": run_id, "status": status, "run_dir": Path(config["output-dir"]) / f"run-{run_id}",
-                "log": log}
+            raise RunFailed(run_id, status, run_dir, log)
+        return {"run_id": run_id, "status": status, "run_dir": run_dir, "log": log}
 
     def stop(self) -> None:
         """Stop every process this deployment started (and any left in pids/ by an earlier one)."""
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SuperLink on {deployment.host}:{deployment.port} (TLS, node authentication); "
                   f"{args.sites} SuperNodes online", flush=True)
             result = deployment.run(overrides, timeout=args.timeout)
-    except (RuntimeError, ValueError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
+    except (RuntimeError, ValueError, TypeError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
         print(f"deployment failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

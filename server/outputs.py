@@ -46,15 +46,15 @@ class RunOutputs:
         os.replace(tmp, latest)  # never a torn or empty LATEST
         return path
 
-    def write_summary(self, *, run_config: dict[str, Any], site_epsilon: dict[str, float], ended: str,
-                      seconds: float) -> Path:
+    def write_summary(self, *, run_config: dict[str, Any], strategy, ended: str, seconds: float) -> Path:
+        """summary.md: how the run ended, every round's server-side metrics, federated evaluation,
+        every site's failures (errors, refusals, rejected updates) and its budget as it reported it."""
         rows = self.rounds()
         metric_keys = ["BLEU-4", "ROUGE-L", "CIDEr-D", "loss"]
         lines = ["# FedCap run summary", "", f"- ended: {ended}", f"- wall time: {seconds:.0f} s",
-                 f"- rounds completed: {max((r['round'] for r in rows), default=0)}",
-                 f"- strategy: {run_config.get('strategy')}, DP: {run_config.get('dp')}, "
-                 f"site budget (simulation): epsilon {run_config.get('target-epsilon')}, "
-                 f"delta {run_config.get('target-delta')}", "",
+                 f"- rounds trained: {len(strategy.trained_rounds)} of {run_config.get('num-server-rounds')}",
+                 f"- strategy: {run_config.get('strategy')}, DP requested: {run_config.get('dp')} "
+                 f"(each site's budget is its own: see below)", "",
                  "## Server-side evaluation per round", "",
                  "| round | " + " | ".join(metric_keys) + " | mean site epsilon |",
                  "|---" * (len(metric_keys) + 2) + "|"]
@@ -72,8 +72,7 @@ class RunOutputs:
             for rnd, site, m in rows_fed:
                 vals = " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "" for k in metric_keys)
                 lines.append(f"| {rnd} | {site} | {vals} | {int(m.get('num-examples', 0)) or ''} |")
-        lines += ["", "## Each site's reported cumulative epsilon", "", "| site | epsilon |", "|---|---|"]
-        lines += [f"| {s} | {e:.4f} |" for s, e in sorted(site_epsilon.items())]
+        lines += _site_sections(strategy)
         plot = self._plot(rows)
         if plot:
             lines += ["", f"![CIDEr-D and epsilon per round]({plot.name})"]
@@ -105,6 +104,30 @@ class RunOutputs:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _site_sections(strategy) -> list[str]:
+    """Each site's budget as it reported it (reply metrics), then every failure of every round."""
+    keys = ("epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted", "records-trained",
+            "records-retired")
+    lines = ["", "## Each site's budget, as the site reported it", "",
+             "epsilon: the largest per-record lifetime epsilon after its last round; target-epsilon: its lifetime "
+             "budget per record; run-epsilon-granted: this run's allowance; records retired: left out because "
+             "they would pass the budget (docs/privacy.md).", "",
+             "| site | " + " | ".join(keys) + " | budget exhausted |", "|---" * (len(keys) + 2) + "|"]
+    for site, budget in sorted(strategy.site_budget.items()):
+        vals = " | ".join(f"{budget[k]:.4g}" if k in budget else "" for k in keys)
+        lines.append(f"| {site} | {vals} | {'yes' if site in strategy.exhausted else ''} |")
+    if not strategy.site_budget:
+        lines.append("| (no site reported a budget) |" + " |" * (len(keys) + 1))
+    lines += ["", "## Sites that failed, refused or were rejected", ""]
+    if not strategy.failures:
+        return lines + ["none"]
+    lines += ["| round | site | node | what | why |", "|---|---|---|---|---|"]
+    for f in strategy.failures:
+        why = str(f["reason"]).replace("|", "/").replace("\n", " ")
+        lines.append(f"| {f['round']} | {f['site']} | {f['node']} | {f['kind']} | {why} |")
+    return lines
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

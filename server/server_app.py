@@ -1,5 +1,9 @@
-"""FedCap ServerApp: FedAvg (or FedProx/FedAdam) wrapped by FedCapStrategy, server-side evaluation
-every round on data the server owns, a checkpoint per round, metrics and a run summary."""
+"""FedCap ServerApp: FedAvg (or another strategy) wrapped by FedCapStrategy, server-side evaluation
+every round on data the server owns, a checkpoint per trained round, metrics and a run summary.
+
+The run ends as failed (the ServerApp raises, so `flwr list` says finished:failed) when the run
+config is invalid (before anything is written), when the starting checkpoint cannot be loaded, or
+when a round trained fewer sites than `min-train-nodes` (after the summary is written)."""
 
 from __future__ import annotations
 
@@ -13,64 +17,85 @@ app = ServerApp()
 log = logging.getLogger("flwr")  # Flower's handler prints it
 
 
+class RunFailed(RuntimeError):
+    """The run did not do what it was configured to do; the message says why."""
+
+
+def _refuse(message: str) -> RunFailed:
+    log.error("FedCap run refused: %s", message)
+    return RunFailed(message)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from shared_model.run_settings import validate_run_config
+
+    try:  # first thing: no folder, no model, no site contacted with a bad setting
+        rc = validate_run_config(context.run_config)
+    except (TypeError, ValueError) as e:
+        raise _refuse(f"invalid run config: {e}") from None
+    _run(grid, context, rc)
+
+
+def _run(grid: Grid, context: Context, rc: dict) -> None:
     import torch
 
     from shared_model.evaluation import evaluate
     from shared_model.model import Captioner, captioner_config_from_run_config, load_checkpoint
     from shared_model.run_folder import run_dir
-
     from shared_model.util import utc_now
 
     from .outputs import RunOutputs
     from .server_data import server_eval_set, server_vocabulary
-    from .strategy import FedCapStrategy, NoSiteCanTrain, build_strategy
+    from .strategy import FedCapStrategy, RoundFailed
     from .witness import FederationState, federation_state_path
 
     t0 = time.perf_counter()
-    rc = context.run_config
     outputs = RunOutputs(run_dir(rc, context.run_id))
-    outputs.save_run_config(dict(rc))  # as resolved: every figure reproducible without today's pyproject
-    resume = str(rc.get("resume-from", ""))
-    vocab = server_vocabulary(rc)  # operator-supplied or embedded; never pooled from site captions
-    if resume:
-        model, saved_vocab, _ = load_checkpoint(resume)
-        if saved_vocab != vocab and str(rc.get("vocab-file", "")):
-            raise ValueError(f"vocab-file {rc['vocab-file']} differs from the vocabulary of resume-from {resume}")
-        vocab = saved_vocab
-    else:
-        torch.manual_seed(int(rc["seed"]))
-        model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(vocab)))
-    eval_set = server_eval_set(rc, image_size=model.config.image_size)
-    witness = FederationState(federation_state_path(rc))
-    strategy = FedCapStrategy(build_strategy(rc), vocab.itos, on_evaluate=outputs.log_federated, witness=witness,
-                              run_id=str(context.run_id))
+    outputs.save_run_config(dict(context.run_config))  # as resolved: every figure reproducible
+    resume = rc.get("resume-from", "")
+    try:
+        vocab = server_vocabulary(rc)  # operator-supplied or embedded; never pooled from site captions
+        if resume:
+            model, saved_vocab, _ = load_checkpoint(resume)
+            if saved_vocab != vocab and rc.get("vocab-file", ""):
+                raise ValueError(f"vocab-file {rc['vocab-file']} differs from the vocabulary of resume-from {resume}")
+            vocab = saved_vocab
+        else:
+            torch.manual_seed(rc["seed"])
+            model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(vocab)))
+        eval_set = server_eval_set(rc, image_size=model.config.image_size)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise _refuse(f"{'resume-from: ' if resume else ''}{e}") from None
+    strategy = FedCapStrategy.from_run_config(rc, vocab.itos, on_evaluate=outputs.log_federated,
+                                              witness=FederationState(federation_state_path(rc)),
+                                              run_id=str(context.run_id))
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics, _ = evaluate(model, eval_set, vocab, beam_size=int(rc["eval-beam-size"]), meteor=False)
+        metrics, _ = evaluate(model, eval_set, vocab, beam_size=rc["eval-beam-size"], meteor=False)
         row = {"round": server_round, **metrics, "time": utc_now()}
         eps = list(strategy.site_epsilon.values())
         if eps:
             row["train-epsilon"] = sum(eps) / len(eps)
             row["max-site-epsilon"] = max(eps)
         outputs.log_round(row)
-        if server_round > 0:
+        if server_round in strategy.trained_rounds:  # never a checkpoint of a round that did not train
             outputs.save_checkpoint(server_round, model, vocab)
         log.info("round %d: CIDEr-D %.4f BLEU-4 %.4f loss %.4f", server_round, metrics["CIDEr-D"],
                  metrics["BLEU-4"], metrics["loss"])
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    ended = "completed"
+    ended, failure = "completed", None
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                       num_rounds=int(rc["num-server-rounds"]), timeout=float(rc.get("round-timeout", 3600)),
-                       train_config=ConfigRecord({"server-round": 0}), evaluate_config=ConfigRecord(),
-                       evaluate_fn=evaluate_fn)
-    except NoSiteCanTrain as e:
-        ended = f"stopped early: {e}"
-        log.warning("%s", ended)
-    summary = outputs.write_summary(run_config=dict(rc), site_epsilon=strategy.site_epsilon, ended=ended,
-                                    seconds=time.perf_counter() - t0)
+        strategy.start(grid=grid,
+                       initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rc["num-server-rounds"],
+                       timeout=float(rc.get("round-timeout", 3600)), train_config=ConfigRecord({"server-round": 0}),
+                       evaluate_config=ConfigRecord(), evaluate_fn=evaluate_fn)
+    except RoundFailed as e:
+        ended, failure = f"failed: {e}", e
+        log.error("%s", ended)
+    summary = outputs.write_summary(run_config=rc, strategy=strategy, ended=ended, seconds=time.perf_counter() - t0)
     print(f"FedCap run finished ({ended}); outputs: {outputs.dir}\nsummary: {summary}", flush=True)
+    if failure is not None:
+        raise RunFailed(f"{failure} (rounds trained: {len(strategy.trained_rounds)}; summary: {summary})") from None

@@ -1,81 +1,120 @@
-"""Strategy construction and FedCap's server-side add-on: a wrapper that validates site replies,
-sets budget-exhausted sites aside, tracks each site's reported epsilon and delegates the rest."""
+"""Strategy construction and FedCap's server-side add-on: a wrapper that checks every site reply
+against the global model (server/update_checks.py), binds each reply to the node that sent it,
+sets budget-exhausted sites aside, records every site's failures and reported budget, fails a round
+in which fewer sites trained than `min-train-nodes`, and delegates the rest."""
 
 from __future__ import annotations
 
 import logging
-import math
+import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
+                                     Strategy)
+
+from shared_model.run_settings import STRATEGIES
+
+from .update_checks import (TRAIN_METRICS, UpdateRejected, capped_weights, check_arrays,
+                            check_metrics, norm_violations, update_norm)
 
 log = logging.getLogger("flwr")  # Flower's handler prints it
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# What a site reports about its budget, shown in the summary as the site reported it.
+BUDGET_METRICS = ("epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted",
+                  "records-trained", "records-retired")
 
 
-class NoSiteCanTrain(RuntimeError):
+class RoundFailed(RuntimeError):
+    """Fewer sites trained in a round than `min-train-nodes`: the run stops, failed."""
+
+
+class NoSiteCanTrain(RoundFailed):
     """Every site that answered this round refused to train: their budgets are spent."""
 
 
 def build_strategy(run_config: Mapping[str, Any]) -> Strategy:
+    """The inner Flower strategy named by `strategy` (run config validated by shared_model.run_settings)."""
     name = str(run_config.get("strategy", "fedavg"))
     common = dict(fraction_train=float(run_config["fraction-train"]),
                   fraction_evaluate=float(run_config["fraction-evaluate"]),
                   min_train_nodes=int(run_config["min-train-nodes"]),
                   min_evaluate_nodes=int(run_config["min-evaluate-nodes"]),
                   min_available_nodes=int(run_config["min-available-nodes"]))
-    for key in ("fraction-train", "fraction-evaluate"):
-        if not 0.0 <= float(run_config[key]) <= 1.0:
-            raise ValueError(f"{key} must be in [0, 1], got {run_config[key]}")
+    malicious = int(run_config.get("num-malicious-nodes", 0))
+    if name in ("krum", "multikrum") and common["min_train_nodes"] < 2 * malicious + 3:
+        raise ValueError(f"min-train-nodes must be >= 2 x num-malicious-nodes + 3 = {2 * malicious + 3} for {name}, "
+                         f"got {common['min_train_nodes']}")
+    if name == "bulyan" and common["min_train_nodes"] < 4 * malicious + 3:
+        raise ValueError(f"min-train-nodes must be >= 4 x num-malicious-nodes + 3 = {4 * malicious + 3} for bulyan, "
+                         f"got {common['min_train_nodes']}")
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=float(run_config["proximal-mu"]))
     if name == "fedadam":
         return FedAdam(**common, eta=float(run_config["server-lr"]))
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=float(run_config.get("trimmed-beta", 0.2)))
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=malicious)
+    if name == "multikrum":
+        return MultiKrum(**common, num_malicious_nodes=malicious,
+                         num_nodes_to_select=int(run_config.get("multikrum-select", 1)))
+    if name == "bulyan":
+        return Bulyan(**common, num_malicious_nodes=malicious)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 
 
-def check_update(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> None:
-    """Raise ValueError naming the first array that is missing, unexpected, mis-shaped or non-finite."""
-    keys = set(arrays.keys())
-    if keys != set(reference):
-        missing, extra = sorted(set(reference) - keys), sorted(keys - set(reference))
-        raise ValueError(f"update has missing arrays {missing[:3]} / unexpected arrays {extra[:3]}")
-    for key, ref in reference.items():
-        value = arrays[key].numpy()
-        if value.shape != ref.shape:
-            raise ValueError(f"update array {key!r} has shape {value.shape}, expected {ref.shape}")
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ValueError(f"update array {key!r} has non-finite values")
-
-
-def _site_of(msg: Message) -> str:
-    """The site name a reply carries (node_config site-name or partition), else its node id."""
-    return str(msg.content["site"]["name"]) if "site" in msg.content else f"node-{msg.metadata.src_node_id}"
-
-
 class FedCapStrategy(Strategy):
-    """Wraps any Flower strategy. Before delegating `aggregate_train` it drops replies that are
-    budget-exhausted refusals (no weights) or malformed updates, logging each with its reason, and
-    records each site's reported cumulative epsilon. Raises NoSiteCanTrain when every reply of a
-    round was a budget refusal. Federated evaluation: each site's held-out metrics are passed to
-    `on_evaluate(server_round, per_site, aggregated)` beside the inner strategy's weighted mean."""
+    """Wraps any Flower strategy. `aggregate_train` first sorts the replies: error replies (a
+    ClientApp that raised, a site that crashed) and budget refusals are recorded per site with their
+    reason; every other reply is checked (update_checks) and rejected for that site only when it
+    fails. Each reply's site is the name the replying node (its Flower node id) first gave; a node
+    that claims another node's site name, or a new name, is rejected. Fewer trained sites than
+    `min-train-nodes` raise RoundFailed (NoSiteCanTrain when all refused for budget); otherwise the
+    valid replies, with capped weights, go to the inner strategy, whose result keeps the model's
+    dtype. Federated evaluation: each site's metrics are passed to `on_evaluate(server_round,
+    per_site, aggregated)` beside the inner strategy's weighted mean."""
 
-    def __init__(self, inner: Strategy, vocab_words: list[str], on_evaluate=None, witness=None,
-                 run_id: str = "") -> None:
+    def __init__(self, inner: Strategy, vocab_words: list[str], on_evaluate=None, *, max_update_norm: float = 0.0,
+                 max_update_norm_ratio: float = 10.0, max_num_examples: int = 10_000_000,
+                 examples_cap_ratio: float = 4.0, node_wait_timeout: float = 600.0,
+                 train_metrics: tuple[str, ...] = TRAIN_METRICS, witness=None, run_id: str = "") -> None:
         self.on_evaluate = on_evaluate
         self.witness = witness  # server.witness.FederationState, or None
-        self.run_id = run_id
+        self.run_id = str(run_id)
         self.inner = inner
         self.vocab_words = vocab_words
+        self.max_update_norm, self.max_update_norm_ratio = float(max_update_norm), float(max_update_norm_ratio)
+        self.max_num_examples, self.examples_cap_ratio = int(max_num_examples), float(examples_cap_ratio)
+        self.train_metrics = tuple(train_metrics)
+        self.node_wait_timeout = float(node_wait_timeout)
+        self.min_train_nodes = int(getattr(inner, "min_train_nodes", 1))
+        self.min_nodes = max(self.min_train_nodes, int(getattr(inner, "min_available_nodes", 1)))
         self.reference: dict[str, np.ndarray] = {}
-        self.site_epsilon: dict[str, float] = {}
+        self.node_site: dict[int, str] = {}  # Flower node id -> the site name it first gave
+        self.site_budget: dict[str, dict[str, float]] = {}  # as each site reported it
         self.exhausted: set[str] = set()
-        self.rejected: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []  # every error, refusal and rejection: round, site, kind, reason
+        self.trained_rounds: list[int] = []
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], vocab_words: list[str], on_evaluate=None, *,
+                        witness=None, run_id: str = "") -> "FedCapStrategy":
+        return cls(build_strategy(run_config), vocab_words, on_evaluate, witness=witness, run_id=run_id,
+                   max_update_norm=float(run_config.get("max-update-norm", 0.0)),
+                   max_update_norm_ratio=float(run_config.get("max-update-norm-ratio", 10.0)),
+                   max_num_examples=int(run_config.get("max-num-examples", 10_000_000)),
+                   examples_cap_ratio=float(run_config.get("examples-cap-ratio", 4.0)),
+                   node_wait_timeout=float(run_config.get("node-wait-timeout", 600.0)))
+
+    @property
+    def site_epsilon(self) -> dict[str, float]:
+        return {s: b["epsilon"] for s, b in self.site_budget.items() if "epsilon" in b}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -87,15 +126,32 @@ class FedCapStrategy(Strategy):
             break
         return messages
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def _connected(self, grid: Grid, needed: int) -> int:
+        """Poll until `needed` nodes are connected or `node-wait-timeout` s passed (Flower's own
+        sampling would wait forever); the number connected."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        while (connected := len(list(grid.get_node_ids()))) < needed and time.monotonic() < deadline:
+            time.sleep(1.0)
+        return connected
+
+    def expect(self, arrays: ArrayRecord) -> None:
+        """The global model this round's replies are checked against."""
         self.reference = {k: v.numpy() for k, v in arrays.items()}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.expect(arrays)
+        if (connected := self._connected(grid, self.min_nodes)) < self.min_nodes:
+            raise RoundFailed(f"round {server_round}: {connected} node(s) connected, fewer than the {self.min_nodes} "
+                              f"needed (min-train-nodes / min-available-nodes), after node-wait-timeout "
+                              f"{self.node_wait_timeout:g} s")
         messages = self._with_vocab(self.inner.configure_train(server_round, arrays, config, grid))
         if self.witness is not None:
-            for m in messages[:1]:  # one shared ConfigRecord
+            for m in messages[:1]:  # one ConfigRecord shared by every message: each site finds its own head
                 m.content["config"].update(self.witness.train_config())
         return messages
 
     def _witness(self, server_round: int, site: str, msg: Message) -> None:
+        """Keep the ledger head a site reported (not for simulated sites whose ledger is per run)."""
         info = msg.content["site"] if "site" in msg.content else {}
         if self.witness is None or "ledger-head" not in info or info.get("ledger-ephemeral", False):
             return
@@ -103,53 +159,152 @@ class FedCapStrategy(Strategy):
                              run_id=self.run_id, server_round=server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        needed = max(int(getattr(self.inner, "min_evaluate_nodes", 0)), self.min_nodes)
+        if getattr(self.inner, "fraction_evaluate", 1.0) > 0 and (connected := self._connected(grid, needed)) < needed:
+            log.warning("round %d: federated evaluation skipped: %d node(s) connected, %d needed, after "
+                        "node-wait-timeout %g s", server_round, connected, needed, self.node_wait_timeout)
+            return []
         return self._with_vocab(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
+    # -- who sent a reply --------------------------------------------------------------------
+    def _node_label(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        return self.node_site.get(node, f"node-{node}")
+
+    def _site_of(self, msg: Message) -> str:
+        """The site bound to the replying node; UpdateRejected when the reply claims another name."""
+        node = msg.metadata.src_node_id
+        claimed = None
+        if "site" in msg.content and "name" in msg.content["site"]:
+            claimed = str(msg.content["site"]["name"])
+        bound = self.node_site.get(node)
+        if bound is not None:
+            if claimed is not None and claimed != bound:
+                raise UpdateRejected("site-name", claimed, f"node {node} is site {bound!r} but claims {claimed!r}")
+            return bound
+        name = claimed or f"node-{node}"
+        owner = next((n for n, s in self.node_site.items() if s == name), None)
+        if owner is not None:
+            raise UpdateRejected("site-name", claimed, f"node {node} claims site {name!r}, which is node {owner}")
+        self.node_site[node] = name
+        return name
+
+    def _fail(self, server_round: int, site: str, kind: str, reason: str, node: int) -> None:
+        self.failures.append({"round": server_round, "site": site, "node": node, "kind": kind, "reason": reason})
+
+    # -- training ----------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        kept, refused = [], 0
+        replies = list(replies)
+        candidates: dict[str, tuple[Message, dict[str, np.ndarray], int]] = {}
+        refused = 0
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                kept.append(msg)  # the inner strategy logs error replies
-                continue
-            site = _site_of(msg)
-            self._witness(server_round, site, msg)
-            metrics = msg.content["metrics"] if "metrics" in msg.content else {}
-            if "epsilon" in metrics:
-                self.site_epsilon[site] = float(metrics["epsilon"])
-            if metrics.get("budget-exhausted", 0):
-                refused += 1
-                self.exhausted.add(site)
-                log.warning("round %d: %s refused to train: %s", server_round, site,
-                            msg.content["site"].get("budget-exhausted", "budget exhausted"))
+                site = self._node_label(msg)
+                reason = f"error code {msg.error.code}: {msg.error.reason}"
+                log.warning("round %d: %s (node %d) failed: %s", server_round, site, node, reason)
+                self._fail(server_round, site, "error", reason, node)
                 continue
             try:
-                if len(msg.content.array_records) != 1:
-                    raise ValueError(f"expected one ArrayRecord, got {len(msg.content.array_records)}")
-                check_update(msg.content["arrays"], self.reference)
-                examples = metrics.get("num-examples", -1)
-                if not (isinstance(examples, (int, float)) and examples > 0 and math.isfinite(examples)):
-                    raise ValueError(f"num-examples must be > 0, got {examples}")
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("round %d: rejected the update of %s: %s", server_round, site, e)
-                self.rejected.append({"round": server_round, "site": site, "reason": str(e)})
+                site = self._site_of(msg)
+            except UpdateRejected as e:
+                self._reject(server_round, self._node_label(msg), node, e)
                 continue
-            kept.append(msg)
+            metrics = msg.content["metrics"] if "metrics" in msg.content else MetricRecord()
+            if metrics.get("budget-exhausted", 0):
+                self._record_budget(site, metrics)
+                self._witness(server_round, site, msg)
+                refused += 1
+                self.exhausted.add(site)
+                reason = str(msg.content["site"].get("budget-exhausted", "budget exhausted")) \
+                    if "site" in msg.content else "budget exhausted"
+                log.warning("round %d: %s refused to train: %s", server_round, site, reason)
+                self._fail(server_round, site, "refused", reason, node)
+                continue
+            try:
+                if len(msg.content.array_records) != 1 or "arrays" not in msg.content:
+                    raise UpdateRejected("arrays", len(msg.content.array_records),
+                                         f"expected one ArrayRecord 'arrays', got {list(msg.content.array_records)}")
+                if site in candidates:
+                    raise UpdateRejected("duplicate", site, f"a second reply for {site} in one round")
+                examples = check_metrics(metrics, max_num_examples=self.max_num_examples,
+                                         expected=self.train_metrics)
+                arrays = check_arrays(msg.content["arrays"], self.reference)
+            except UpdateRejected as e:
+                self._reject(server_round, site, node, e)
+                continue
+            candidates[site] = (msg, arrays, examples)
+        norms = {site: update_norm(arrays, self.reference) for site, (_, arrays, _) in candidates.items()}
+        for site, reason in norm_violations(norms, max_norm=self.max_update_norm,
+                                            max_ratio=self.max_update_norm_ratio).items():
+            self._reject(server_round, site, candidates.pop(site)[0].metadata.src_node_id,
+                         UpdateRejected("update-norm", norms[site], reason))
+        for site, (msg, _, _) in candidates.items():  # only from replies that passed every check
+            self._record_budget(site, msg.content["metrics"])
+            self._witness(server_round, site, msg)
         if self.witness is not None:
             self.witness.save()
-        if refused and not any(not m.has_error() for m in kept):
-            raise NoSiteCanTrain(f"round {server_round}: every site that answered has exhausted its privacy budget")
-        return self.inner.aggregate_train(server_round, kept)
+        if len(candidates) < self.min_train_nodes:
+            failed = [f for f in self.failures if f["round"] == server_round]
+            detail = "; ".join(f"{f['site']} {f['kind']}: {f['reason']}" for f in failed) or "no replies"
+            error = NoSiteCanTrain if refused and refused == len(replies) else RoundFailed
+            raise error(f"round {server_round}: {len(candidates)} site(s) trained, fewer than min-train-nodes "
+                        f"{self.min_train_nodes} ({detail})")
+        weights = capped_weights({s: e for s, (_, _, e) in candidates.items()}, cap_ratio=self.examples_cap_ratio)
+        kept = []
+        for site, (msg, _, _) in candidates.items():
+            msg.content["metrics"]["num-examples"] = weights[site]  # the weight the inner strategy uses
+            kept.append(msg)
+        arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        if arrays is None:
+            raise RoundFailed(f"round {server_round}: the {type(self.inner).__name__} strategy aggregated nothing")
+        self.trained_rounds.append(server_round)
+        return self._as_model_dtype(arrays), metrics
 
+    def _reject(self, server_round: int, site: str, node: int, e: UpdateRejected) -> None:
+        log.warning("round %d: rejected the update of %s (node %d): check %s, value %r: %s", server_round, site,
+                    node, e.check, e.value, e)
+        self._fail(server_round, site, "rejected", f"{e.check} check failed: {e}", node)
+
+    def _record_budget(self, site: str, metrics: MetricRecord) -> None:
+        for key in BUDGET_METRICS:
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.site_budget.setdefault(site, {})[key] = float(value)
+
+    def _as_model_dtype(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate in the global model's dtypes (a median or weighted mean may promote)."""
+        out = ArrayRecord()
+        for key, ref in self.reference.items():
+            value = arrays[key].numpy()
+            out[key] = Array(np.ascontiguousarray(value.astype(ref.dtype, copy=False)))
+        return out
+
+    # -- evaluation --------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        per_site: dict[str, dict[str, float]] = {}
+        valid, per_site = [], {}
         for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = f"error code {msg.error.code}: {msg.error.reason}"
+                log.warning("round %d: evaluation at %s (node %d) failed: %s", server_round, self._node_label(msg),
+                            node, reason)
+                self._fail(server_round, self._node_label(msg), "evaluate-error", reason, node)
                 continue
-            site = _site_of(msg)
-            per_site[site] = {k: float(v) for k, v in msg.content["metrics"].items()
+            try:
+                site = self._site_of(msg)
+                metrics = msg.content["metrics"] if "metrics" in msg.content else None
+                if metrics is None or not isinstance(metrics.get("num-examples"), (int, float)) \
+                        or not 1 <= metrics["num-examples"] <= self.max_num_examples:
+                    raise UpdateRejected("num-examples", metrics and metrics.get("num-examples"),
+                                         "evaluation reply without a valid num-examples")
+            except UpdateRejected as e:
+                self._reject(server_round, self._node_label(msg), node, e)
+                continue
+            per_site[site] = {k: float(v) for k, v in metrics.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        aggregated = self.inner.aggregate_evaluate(server_round, replies)
-        if self.on_evaluate is not None:
+            valid.append(msg)
+        aggregated = self.inner.aggregate_evaluate(server_round, valid) if valid else None
+        if self.on_evaluate is not None and per_site:
             self.on_evaluate(server_round, per_site, dict(aggregated) if aggregated else {})
         return aggregated

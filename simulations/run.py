@@ -18,8 +18,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from shared_model.runners.flower_runtime import (ROOT, default_run_config, flower_env, flwr_run, stop_superlink,
-                                                 superlink_pids, toml_value)
+from shared_model.run_settings import validate_run_config
+from shared_model.runners.flower_runtime import (ROOT, RunFailed, default_run_config, flower_env, flwr_run,
+                                                 stop_superlink, superlink_pids, toml_value)
 
 DEFAULT_FEDERATION = {"num-supernodes": 4, "client-resources-num-cpus": 1}
 
@@ -37,10 +38,7 @@ def load_scenario(paths: list[Path]) -> tuple[dict, dict]:
             raise ValueError(f"scenario file {path} is not valid TOML: {e}") from None
         federation.update(data.pop("federation", {}))
         run_config.update(data)
-    known = set(default_run_config())
-    unknown = sorted(set(run_config) - known)
-    if unknown:
-        raise ValueError(f"unknown run-config keys {unknown} (not in [tool.flwr.app.config] of pyproject.toml)")
+    validate_run_config({**default_run_config(), **run_config})  # the ServerApp's own schema, before Flower starts
     return run_config, federation
 
 
@@ -48,11 +46,14 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
                    flwr_home: Path | None = None, stream_to=sys.stdout) -> dict:
     """Submit one simulation, wait for it, and return {"run_id", "status", "run_dir", "log"}.
 
-    Raises RuntimeError when the run did not finish with status 'finished:completed' or timed out."""
+    Raises RunFailed (a RuntimeError holding run_id, status, run_dir and log) when the run did not
+    finish with status 'finished:completed', RuntimeError when it timed out, TypeError/ValueError
+    naming the key for a bad setting (checked before Flower starts)."""
     flwr_home = (flwr_home or ROOT / ".fedcap" / "flwr-home").absolute()
     flwr_home.mkdir(parents=True, exist_ok=True)
     run_config, federation = load_scenario(scenarios)
     run_config.update(overrides or {})
+    validate_run_config({**default_run_config(), **run_config})
     run_config["output-dir"] = str(output_dir.absolute())
     fed = " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
     run_id, status, log = flwr_run(run_config, flower_env(flwr_home), timeout=timeout, stream_to=stream_to,
@@ -62,7 +63,7 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
         (run_dir / "scenario.json").write_text(json.dumps(
             {"scenarios": [str(s) for s in scenarios], "run-config": run_config, "federation": federation}, indent=2))
     if status != "finished:completed":
-        raise RuntimeError(f"run {run_id} ended with status {status!r}; log tail:\n{log[-3000:]}")
+        raise RunFailed(run_id, status, run_dir, log)
     return {"run_id": run_id, "status": status, "run_dir": run_dir, "log": log}
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     running_before = bool(superlink_pids(flwr_home))
     try:
         result = run_simulation(args.scenarios, output_dir=args.output_dir, timeout=args.timeout)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
+    except (RuntimeError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"simulation failed: {e}", file=sys.stderr)
         return 1
     finally:

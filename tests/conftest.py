@@ -35,6 +35,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def flower_task():
+    """The task identity Flower's runtime sets in a ServerApp/ClientApp process before Messages are
+    built (run 1, task 1, the SuperLink's node 0); restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield TaskIdentity
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 def tamper_ledger(path, kind: str) -> None:
     """Alter a ledger of >= 3 records the way an attacker or a crash would: edit (record 2's noise
     multiplier), delete (record 2), reorder (records 2 and 3), torn (record 3 cut halfway, no final

@@ -59,3 +59,31 @@ def test_caption_command_prints_a_caption_per_image(tmp_path, capsys):
     assert lines == [f"{p}\t{c}" for p, c in zip(paths, expected)]
     assert main(["caption", str(tmp_path / "ckpt"), str(tmp_path / "missing.png")]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+CORRUPTIONS = {
+    "truncated weights": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:200]), "corrupt or truncated"),
+    "random weights": ("model.safetensors", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+                       "corrupt or truncated"),
+    "empty weights": ("model.safetensors", lambda p: p.write_bytes(b""), "are empty (0 bytes)"),
+    "config without model": ("config.json", lambda p: p.write_text(json.dumps(
+        {k: v for k, v in json.loads(p.read_text()).items() if k != "model"})), 'has no "model" object'),
+    "config with a bad model": ("config.json", lambda p: p.write_text(json.dumps(
+        {**json.loads(p.read_text()), "model": {"vocab_size": 30, "colour": 1}})), "invalid \"model\""),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_a_corrupt_checkpoint_is_named_by_load_and_by_the_caption_command(tmp_path, capsys, case):
+    name, corrupt, what = case
+    vocab = synthetic_vocabulary()
+    save_checkpoint(tmp_path / "ckpt", Captioner(tiny_config(vocab_size=len(vocab))), vocab)
+    corrupt(tmp_path / "ckpt" / name)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path / "ckpt")
+    assert str(tmp_path / "ckpt" / name) in str(err.value) and what in str(err.value)
+    image = tmp_path / "img.png"
+    Image.fromarray(generate_scenes(1, seed=0, image_size=32).images[0]).save(image)
+    assert main(["caption", str(tmp_path / "ckpt"), str(image)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.startswith("fedcap caption: error: ") and what in err_text and "Traceback" not in err_text

@@ -94,6 +94,7 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
     federated = [json.loads(line) for line in (run_dir / "federated.jsonl").read_text().splitlines()]
     assert [sorted(r["sites"]) for r in federated] == [["site-0", "site-1"]] * 2  # names from node_config
     witnessed = json.loads((deployment.workdir / "server" / "federation-state.json").read_text())["sites"]
+    summary = (run_dir / "summary.md").read_text()
     for k in range(2):
         lines = PrivacyLedger(deployment.site_dir(k) / "state" / "ledger.jsonl").records()
         records = [r for r in lines if r["kind"] == "dp-sgd"]
@@ -104,4 +105,36 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
         assert lines[0]["kind"] == "grant" and lines[0]["granted_epsilon"] == 1.5
         assert 0 < records[-1]["epsilon"] <= 1.5 * (1 + 1e-6)
         assert witnessed[f"site-{k}"]["head"] == lines[-1]["hash"] and witnessed[f"site-{k}"]["records"] == 3
+        # the summary shows the budget the site reported (its ledger's epsilon), never the run config's
+        assert f"| site-{k} | {records[-1]['epsilon']:.4g} | 1e-05 |" in summary
+    assert "site budget (simulation)" not in summary and "ended: completed" in summary and "rounds trained: 2 of 2" in summary
+    assert_no_secrets_or_captions(deployment, result)
+
+
+def assert_no_secrets_or_captions(deployment, result):
+    """Issue 12: no private-key material and no caption text from the sites' data in any log, metric
+    or output of the deployment (process logs, the streamed run log, the server's run folder)."""
+    texts = {"flwr run": result["log"]}
+    for path in [*(deployment.workdir / "logs").glob("*.log"), *result["run_dir"].rglob("*")]:
+        if path.is_file() and path.suffix != ".safetensors" and path.suffix != ".png":
+            texts[str(path)] = path.read_text(errors="replace")
+    assert len(texts) > 5
+    secrets = [deployment.creds / "server.key", deployment.creds / "ca.key",
+               *(deployment.creds / f"site-{k}" / "site.key" for k in range(deployment.num_sites))]
+    needles = []
+    for key in secrets:
+        if key.exists():
+            body = [line for line in key.read_text().splitlines() if line and not line.startswith("-----")]
+            needles += [line for line in body if len(line) >= 40][:2]
+    assert needles, "no private key found to look for"
+    captions = set()
+    for k in range(deployment.num_sites):
+        doc = json.loads((deployment.site_dir(k) / "data" / "captions.json").read_text())
+        captions |= {a["caption"] for a in doc["annotations"]}
+    assert len(captions) > 5
+    for where, text in texts.items():
+        assert "PRIVATE KEY" not in text, where
+        assert not any(n in text for n in needles), f"private-key material in {where}"
+        leaked = [c for c in captions if c in text]
+        assert not leaked, f"site caption {leaked[0]!r} in {where}"
 

@@ -5,8 +5,11 @@ import shutil
 
 import pytest
 
+from shared_model.model import save_checkpoint
 from shared_model.privacy import PrivacyLedger
 from shared_model.runners import main
+from shared_model.runners.flower_runtime import ROOT, RunFailed, flower_env, flwr_run, superlink_pids
+from simulations.run import main as simulation_main
 from simulations.run import run_simulation, stop_superlink
 
 TINY = dict(train_size=300, server_eval_size=30, image_size=32, model_d_model=32, model_num_heads=2,
@@ -97,20 +100,81 @@ def test_ledgers_continue_across_runs_and_the_server_witnesses_them(tmp_path, fl
     assert witnessed["site-0"]["records"] == 6 and witnessed["site-0"]["run_id"] == second["run_id"]
 
     # attack: site-0's whole state dir is lost; site-1 has spent (almost) its budget. site-0 must refuse
-    # (the witness), site-1 must refuse (its records would exceed the budget): nothing trains.
+    # (the witness), site-1 must refuse (its records would exceed the budget): nothing trains, the run fails
     spent = max(r["epsilon"] for r in dp_lines(state / "site-1" / "ledger.jsonl"))
     shutil.rmtree(state / "site-0")
-    third = run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
-                           stream_to=None, overrides=overrides(target_epsilon=spent * 1.01, **common))
+    with pytest.raises(RunFailed) as err:
+        run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
+                       stream_to=None, overrides=overrides(target_epsilon=spent * 1.01, **common))
+    assert err.value.status == "finished:failed"
     assert not (state / "site-0" / "ledger.jsonl").exists()  # refused before writing anything
     assert len(PrivacyLedger(state / "site-1" / "ledger.jsonl").records()) == 6  # nothing trained, nothing recorded
-    assert "lost or rolled back" in third["log"]
-    summary = (third["run_dir"] / "summary.md").read_text()
-    assert "stopped early" in summary and "exhausted" in summary
+    summary = (err.value.run_dir / "summary.md").read_text()
+    assert "ended: failed" in summary and "rounds trained: 0 of 2" in summary
+    assert "lost or rolled back" in summary and "| refused |" in summary and "exhausted" in summary
+    assert not (err.value.run_dir / "checkpoints").exists()
     assert main(["audit", str(state), "--federation-state", str(runs / "federation-state.json")]) == 1
 
 
-def test_a_failing_server_app_fails_the_run(tmp_path, flwr_home, sites2):
-    with pytest.raises(RuntimeError, match="status"):
+# Issue 12: bad settings end the run as failed before any site trains, the key named in the log. The
+# pure schema check covers every case (tests/test_run_settings.py); these go through the real ServerApp
+# (flwr_run directly: the simulation runner would refuse them before Flower starts).
+SERVER_APP_CASES = [{"lr": "fast"}, {"target-delta": 1.5}, {"num-server-rounds": 0}]
+
+
+@pytest.mark.parametrize("bad", SERVER_APP_CASES, ids=[str(c) for c in SERVER_APP_CASES])
+def test_the_server_app_refuses_a_bad_setting_before_round_1(tmp_path, flwr_home, bad):
+    key, value = next(iter(bad.items()))
+    run_id, status, log = flwr_run({**overrides(num_server_rounds=1), "output-dir": str(tmp_path), **bad},
+                                   flower_env(flwr_home), timeout=TIMEOUT, stream_to=None,
+                                   extra_args=["--federation-config", "num-supernodes=2"])
+    assert status == "finished:failed"
+    assert f"FedCap run refused: invalid run config: {key} must be" in log and f"got {value!r}" in log
+    assert "[ROUND 1" not in log and not (tmp_path / f"run-{run_id}").exists()  # nothing trained, nothing written
+    with pytest.raises(TypeError if key == "lr" else ValueError, match=key):  # the runner: before Flower starts
+        run_simulation([], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None, overrides=bad)
+
+
+def test_a_round_in_which_no_site_trained_fails_the_run_naming_each_site_error(tmp_path, sites2, capsys):
+    # through the command line; a setting only the sites can check (canary-site beyond the 2
+    # partitions): every ClientApp raises
+    scenario = tmp_path / "broken-sites.toml"
+    scenario.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides(
+        num_server_rounds=2, dp=False, canary_count=2, canary_site=5).items()))
+    assert simulation_main([str(sites2), str(scenario), "--output-dir", str(tmp_path), "--timeout", str(TIMEOUT)]) == 1
+    assert "ended with status 'finished:failed'" in capsys.readouterr().err
+    assert superlink_pids(ROOT / ".fedcap" / "flwr-home") == []  # the runner's SuperLink has exited
+    (run_dir,) = tmp_path.glob("run-*")
+    summary = (run_dir / "summary.md").read_text()
+    assert "ended: failed: round 1: 0 site(s) trained, fewer than min-train-nodes 2" in summary
+    assert summary.count("canary-site must be in [0, 2), got 5") >= 2  # every site's own error text
+    assert "rounds trained: 0 of 2" in summary
+    assert [r["round"] for r in rounds(run_dir)] == [0] and not (run_dir / "checkpoints").exists()
+
+
+def test_too_few_connected_nodes_fail_the_run_after_node_wait_timeout(tmp_path, flwr_home, sites2):
+    # Flower alone would wait forever for a third node ("1 connected (minimum required: 2)" in issue 12)
+    with pytest.raises(RunFailed) as err:
         run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                       overrides=overrides(num_server_rounds=1, resume_from=str(tmp_path / "no-such-checkpoint")))
+                       overrides=overrides(num_server_rounds=1, min_available_nodes=3, node_wait_timeout=3.0))
+    summary = (err.value.run_dir / "summary.md").read_text()
+    assert "2 node(s) connected, fewer than the 3 needed" in summary and "node-wait-timeout 3 s" in summary
+
+
+def test_a_corrupt_resume_checkpoint_fails_the_run_naming_the_file(tmp_path, flwr_home, sites2):
+    from shared_model.data import synthetic_vocabulary
+    from shared_model.model import Captioner
+
+    from conftest import tiny_config
+
+    vocab = synthetic_vocabulary()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", Captioner(tiny_config(vocab_size=len(vocab))), vocab)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(RunFailed) as err:
+        run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
+                       overrides=overrides(num_server_rounds=1, resume_from=str(checkpoint)))
+    assert err.value.status == "finished:failed"
+    assert f"FedCap run refused: resume-from: checkpoint weights {weights} (100 bytes) are corrupt" in err.value.log
+    stop_superlink(flwr_home)
+    assert superlink_pids(flwr_home) == []  # stop_superlink waits until it has exited

@@ -203,6 +203,8 @@ RECORD_CASES = {
                          "captions.json", "annotation 4 (image_id 99)", "unknown image id", 3),
     "image without captions": (_coco_with(lambda _, data: data["annotations"].pop()), "captions.json", "image 3",
                                "no captions", 2),
+    "coco duplicate id": (_coco_with(lambda _, data: data["images"].append({"id": 1, "file_name": "b.png"})),
+                          "captions.json", "images[3] (id 1)", "duplicate image id", 3),
     "karpathy sentences not a list": (_karpathy_with(lambda data: data["images"][1].update(sentences="hi")),
                                       "dataset_coco.json", "image 101 (1.png)", "'sentences' must be list", 1),
     "karpathy duplicate id": (_karpathy_with(lambda data: data["images"][1].update(cocoid=100)),

@@ -84,7 +84,9 @@ def load_coco_captions(annotations: str | Path, image_dir: str | Path, *, image_
             rec.where, rec.image_path = f"image {image_id} ({file_name})", image_dir / file_name
         except _BadRecord as bad:
             rec.problem = bad
-        records.setdefault(image_id, rec)  # a duplicate id is reported when collected
+        if image_id in records:  # the captions go to the first; this entry is the duplicate
+            rec.problem = _BadRecord(f"images[{i}] (id {image_id})", "duplicate image id")
+        records.setdefault(image_id, rec)
         out.append(rec)
     for k, ann in enumerate(_top_level_list(data, "annotations", label)):
         try:

@@ -56,6 +56,19 @@ def save_checkpoint(directory: str | Path, model: nn.Module, vocab: Vocabulary,
     return directory
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or ValueError naming the file and what is wrong with it
+    (empty, truncated, not safetensors)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"checkpoint weights {path} are empty (0 bytes)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises SafetensorError (and OSError for a short read)
+        raise ValueError(f"checkpoint weights {path} ({size} bytes) are corrupt or truncated: "
+                         f"{type(e).__name__}: {e}") from None
+
+
 def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu"
                     ) -> tuple[Captioner, Vocabulary, dict[str, Any]]:
     """-> (model in eval mode, vocabulary, metadata). The encoder-weights file named in the config
@@ -70,12 +83,17 @@ def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu"
         raise ValueError(f"checkpoint config {directory / CONFIG} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != "fedcap-checkpoint/1":
         raise ValueError(f"{directory / CONFIG} is not a FedCap checkpoint config (format 'fedcap-checkpoint/1')")
-    config = CaptionerConfig.from_dict({**doc["model"], "encoder_weights": None})
+    if not isinstance(doc.get("model"), dict):
+        raise ValueError(f"checkpoint config {directory / CONFIG} has no \"model\" object, got {doc.get('model')!r}")
+    try:
+        config = CaptionerConfig.from_dict({**doc["model"], "encoder_weights": None})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint config {directory / CONFIG}: invalid \"model\": {e}") from None
     vocab = Vocabulary.load(directory / VOCAB)
     if config.vocab_size != len(vocab):
         raise ValueError(f"checkpoint {directory}: model vocab_size {config.vocab_size} != vocabulary size {len(vocab)}")
     model = Captioner(config)
-    state = load_file(str(directory / WEIGHTS))
+    state = _read_weights(directory / WEIGHTS)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

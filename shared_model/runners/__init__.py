@@ -7,8 +7,8 @@ from shared_model.lazy import lazy_exports
 _MODULES = {  # submodule: its public names
     'centralized': ('CentralizedConfig', 'resolve_device', 'run_centralized'),
     'cli': ('main',),
-    'flower_runtime': ('ROOT', 'alive', 'default_run_config', 'descendants', 'flower_env', 'flwr_run', 'free_port',
-                       'local_superlink_ports', 'pump_output', 'run_status', 'stop_pids', 'stop_superlink',
+    'flower_runtime': ('ROOT', 'RunFailed', 'alive', 'default_run_config', 'descendants', 'flower_env', 'flwr_run',
+                       'free_port', 'local_superlink_ports', 'pump_output', 'run_status', 'stop_pids', 'stop_superlink',
                        'superlink_pids', 'toml_value', 'write_run_config'),
     'vocab_cmd': ('VOCAB_EXIT_CODES', 'add_vocab_parser', 'run_vocab'),
 }

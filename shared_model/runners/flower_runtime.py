@@ -169,6 +169,17 @@ def stop_superlink(flwr_home: Path, *, grace: float = 30.0) -> list[int]:
 
 # ---- runs ---------------------------------------------------------------------------------------
 
+class RunFailed(RuntimeError):
+    """A run whose real status is not finished:completed; carries what a caller needs to report it."""
+
+    def __init__(self, run_id: str, status: str, run_dir: Path | None, log: str) -> None:
+        summary = run_dir / "summary.md" if run_dir is not None else None
+        super().__init__(f"run {run_id} ended with status {status!r}"
+                         f"{f'; summary: {summary}' if summary is not None and summary.is_file() else ''}"
+                         f"; log tail:\n{log[-3000:]}")
+        self.run_id, self.status, self.run_dir, self.log = run_id, status, run_dir, log
+
+
 def flwr_run(run_config: dict[str, Any], env: dict[str, str], *, timeout: float, stream_to,
              connection: str | None = None, extra_args: list[str] = (), app: Path = ROOT) -> tuple[str, str, str]:
     """`flwr run APP [connection] --stream` with `run_config`, bounded by `timeout`; returns

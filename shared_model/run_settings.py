@@ -1,0 +1,239 @@
+"""The one schema of FedCap's settings: every run-config key ([tool.flwr.app.config], the
+federation's plan) and every node_config key (a site's identity, data, state and own budget),
+each with its type and range. No Flower import: the ServerApp, the ClientApp, the simulation
+runner and the tests all check settings here, with the same messages.
+
+`validate_run_config(run_config)` and `validate_node_config(node_config)` reject unknown keys, wrong
+types (TypeError) and values out of range (ValueError); each message names the key and the value,
+e.g. "lr must be a number > 0, got 'fast'". Both return a normalised copy (ints given for floats
+become floats). Run-config keys left out keep the pyproject defaults, so the run-config check
+does not require every key; the ServerApp gets a complete run config from Flower anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from shared_model.data.partition import METHODS as PARTITIONERS
+from shared_model.model.config import DECODERS, ENCODERS, FUSIONS
+from shared_model.privacy.accounting import OPACUS_ACCOUNTANTS
+
+DATASET_FORMATS = ("coco", "karpathy", "csv", "jsonl")  # shared_model.data.loaders.FORMATS, without PIL
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+TRAINABLE = ("all", "decoder", "fusion+decoder")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key: its kind (bool, int, float, str) and, for numbers, bounds (open or closed); for
+    strings, the allowed choices. `low`/`high` None = unbounded."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    nonempty: bool = False
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            return "a boolean (true or false)"
+        if self.kind is str:
+            if self.choices:
+                return f"one of {', '.join(repr(c) for c in self.choices)}"
+            return "a non-empty string" if self.nonempty else "a string"
+        noun = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            return (f"{noun} in {'(' if self.low_open else '['}{self.low:g}, "
+                    f"{self.high:g}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{noun} {'<' if self.high_open else '<='} {self.high:g}"
+        return noun
+
+    def check(self, key: str, value: Any) -> Any:
+        """`value` normalised, or TypeError/ValueError naming `key` and `value`."""
+        wrong = f"{key} must be {self.describe()}, got {value!r}"
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError(wrong)
+            return value
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise TypeError(wrong)
+            if (self.choices and value not in self.choices) or (self.nonempty and not value.strip()):
+                raise ValueError(wrong)
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(wrong)
+        if self.kind is int:
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise TypeError(wrong)
+                value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(wrong)
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise ValueError(wrong)
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise ValueError(wrong)
+        return value
+
+
+def _int(low: int | None = None, high: int | None = None) -> Setting:
+    return Setting(int, low=low, high=high)
+
+
+def _float(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Setting:
+    return Setting(float, low=low, high=high, low_open=low_open, high_open=high_open)
+
+
+POSITIVE = _float(0.0, low_open=True)
+NON_NEGATIVE = _float(0.0)
+PROBABILITY_OPEN = _float(0.0, 1.0, low_open=True, high_open=True)
+FRACTION = _float(0.0, 1.0)
+BOOL, STR = Setting(bool), Setting(str)
+
+
+def _choice(*choices: str) -> Setting:
+    return Setting(str, choices=tuple(choices))
+
+
+RUN_CONFIG: dict[str, Setting] = {
+    # federation
+    "num-server-rounds": _int(1),
+    "fraction-train": FRACTION,
+    "fraction-evaluate": FRACTION,
+    "min-train-nodes": _int(1),
+    "min-evaluate-nodes": _int(0),
+    "min-available-nodes": _int(1),
+    "strategy": _choice(*STRATEGIES),
+    "proximal-mu": NON_NEGATIVE,
+    "server-lr": POSITIVE,
+    "trimmed-beta": _float(0.0, 0.5, high_open=True),
+    "num-malicious-nodes": _int(0),
+    "multikrum-select": _int(1),
+    # update validation (server/update_checks.py)
+    "max-update-norm": NON_NEGATIVE,
+    "max-update-norm-ratio": NON_NEGATIVE,
+    "max-num-examples": _int(1),
+    "examples-cap-ratio": _float(1.0),
+    # local training
+    "local-epochs": _int(1),
+    "batch-size": _int(1),
+    "max-physical-batch-size": _int(1),
+    "physical-batch-shape": _choice("auto", "fixed", "variable"),
+    "lr": POSITIVE,
+    "seed": _int(0),
+    "init-from": STR,
+    "trainable": _choice(*TRAINABLE),
+    # differential privacy
+    "dp": BOOL,
+    "noise-multiplier": NON_NEGATIVE,
+    "max-grad-norm": POSITIVE,
+    "target-epsilon": POSITIVE,
+    "target-delta": PROBABILITY_OPEN,
+    "accountant": _choice(*OPACUS_ACCOUNTANTS),
+    "run-epsilon": POSITIVE,
+    "federation-state": STR,
+    # data
+    "partitioner": _choice(*PARTITIONERS),
+    "dirichlet-alpha": POSITIVE,
+    "feature-skew": BOOL,
+    "train-size": _int(1),
+    "server-eval-size": _int(1),
+    "server-eval-data": STR,
+    "server-eval-format": _choice(*DATASET_FORMATS),
+    "vocab-file": STR,
+    "eval-beam-size": _int(1),
+    # model
+    "image-size": _int(16),
+    "model-encoder": _choice(*ENCODERS),
+    "model-encoder-weights": STR,
+    "model-freeze-encoder": BOOL,
+    "model-fusion": _choice(*FUSIONS),
+    "model-decoder": _choice(*DECODERS),
+    "model-d-model": _int(1),
+    "model-num-layers": _int(1),
+    "model-num-heads": _int(1),
+    "model-ffn-dim": _int(1),
+    "model-dropout": _float(0.0, 1.0, high_open=True),
+    "model-max-len": _int(3),
+    # outputs, state, time limits
+    "output-dir": Setting(str, nonempty=True),
+    "site-state-dir": STR,
+    "resume-from": STR,
+    "round-timeout": POSITIVE,
+    "node-wait-timeout": POSITIVE,
+    # empirical privacy audit
+    "canary-count": _int(0),
+    "canary-seed": _int(0),
+    "canary-site": _int(0),
+}
+
+NODE_CONFIG: dict[str, Setting] = {
+    # identity
+    "site-name": Setting(str, nonempty=True),
+    "partition-id": _int(0),       # simulation (set by Flower)
+    "num-partitions": _int(1),     # simulation (set by Flower)
+    # data and state (deployment)
+    "data-dir": Setting(str, nonempty=True),
+    "dataset-format": _choice(*DATASET_FORMATS),
+    "skip-bad-records": BOOL,
+    "state-dir": Setting(str, nonempty=True),
+    "ledger-mirror-dir": STR,
+    "min-records": _int(1),
+    # the site's own privacy budget (only the site sets it)
+    "target-epsilon": POSITIVE,
+    "target-delta": PROBABILITY_OPEN,
+    "max-run-epsilon": POSITIVE,
+    "accountant": _choice(*OPACUS_ACCOUNTANTS),
+}
+
+
+def _validate(settings: Mapping[str, Any], schema: Mapping[str, Setting], what: str) -> dict[str, Any]:
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"{what} must be a mapping of settings, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(schema))
+    if unknown:
+        raise ValueError(f"unknown {what} key {unknown[0]!r} (value {settings[unknown[0]]!r}); "
+                         f"{'all unknown: ' + str(unknown) + '; ' if len(unknown) > 1 else ''}"
+                         f"known keys are listed in shared_model/run_settings.py")
+    return {key: schema[key].check(key, value) for key, value in settings.items()}
+
+
+def validate_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config, checked key by key and across keys; a normalised copy."""
+    rc = _validate(run_config, RUN_CONFIG, "run-config")
+    if "model-d-model" in rc and "model-num-heads" in rc and rc["model-d-model"] % rc["model-num-heads"]:
+        raise ValueError(f"model-d-model must be divisible by model-num-heads ({rc['model-num-heads']}), "
+                         f"got {rc['model-d-model']}")
+    if rc.get("model-encoder-weights") and rc.get("model-encoder", "cnn") != "resnet18":
+        raise ValueError(f"model-encoder-weights is only used by model-encoder 'resnet18', got model-encoder "
+                         f"{rc.get('model-encoder', 'cnn')!r}")
+    if rc.get("init-from") and rc.get("resume-from"):
+        raise ValueError(f"init-from and resume-from exclude each other, got init-from {rc['init-from']!r} and "
+                         f"resume-from {rc['resume-from']!r}")
+    return rc
+
+
+def validate_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A site's node_config, checked key by key; it must name the site (site-name or partition-id)
+    and its data (data-dir, or partition-id with num-partitions in simulation)."""
+    nc = _validate(node_config, NODE_CONFIG, "node_config")
+    if "site-name" not in nc and "partition-id" not in nc:
+        raise ValueError(f"node_config must hold 'site-name' (deployment) or 'partition-id' (simulation), "
+                         f"got keys {sorted(nc)}")
+    if "data-dir" not in nc and not {"partition-id", "num-partitions"} <= set(nc):
+        raise ValueError(f"node_config must hold 'data-dir' (deployment) or 'partition-id' and 'num-partitions' "
+                         f"(simulation), got keys {sorted(nc)}")
+    if "partition-id" in nc and "num-partitions" in nc and nc["partition-id"] >= nc["num-partitions"]:
+        raise ValueError(f"partition-id must be < num-partitions ({nc['num-partitions']}), got {nc['partition-id']}")
+    return nc

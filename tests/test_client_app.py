@@ -1,0 +1,29 @@
+"""The ClientApp checks its node_config before anything else: a site with a bad setting answers with
+an error that names the key and the value (Flower turns the exception into the error reply the
+server records in summary.md)."""
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from client.client_app import app
+from shared_model.runners.flower_runtime import default_run_config
+
+BAD_SITES = [
+    ({"site-name": "a", "data-dir": "/d", "target-epsilon": -1.0}, "target-epsilon must be a number > 0, got -1.0"),
+    ({"site-name": "a", "data-dir": "/d", "target-delta": 1.5}, "target-delta must be a number in (0, 1), got 1.5"),
+    ({"site-name": "a", "data-dir": "/d", "dataset-format": "parquet"}, "dataset-format must be one of"),
+    ({"site-name": "a", "data-dir": "/d", "epsilon": 8.0}, "unknown node_config key 'epsilon'"),
+    ({"partition-id": 3, "num-partitions": 2}, "partition-id must be < num-partitions (2), got 3"),
+]
+
+
+@pytest.mark.parametrize("message_type", ["train", "evaluate"])
+@pytest.mark.parametrize("node_config, expected", BAD_SITES, ids=[m.split(" must")[0] for _, m in BAD_SITES])
+def test_a_bad_node_config_is_a_named_error_before_any_work(flower_task, node_config, expected, message_type):
+    # no arrays, no vocabulary, no data folder: the handler must fail on the node_config first
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                      run_config=default_run_config())
+    message = Message(content=RecordDict(), dst_node_id=7, message_type=message_type)
+    with pytest.raises((TypeError, ValueError)) as err:
+        app(message=message, context=context)
+    assert expected in str(err.value)
