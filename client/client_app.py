@@ -71,8 +71,8 @@ def train(msg: Message, context: Context) -> Message:
         })
         return Message(content=content, reply_to=msg)
     if budget is None:  # same metric keys from every site, or Flower skips the aggregation
-        metrics.update({"epsilon": float("inf"), "delta": 0.0, "target-epsilon": float("inf"),
-                        "epsilon-remaining": float("inf"), "run-epsilon-granted": 0.0,
+        metrics.update({"epsilon": float("inf"), "delta": 0.0, "target-epsilon": 0.0,  # 0: no budget
+                        "epsilon-remaining": 0.0, "run-epsilon-granted": 0.0,
                         "records-trained": metrics["num-examples"], "records-retired": 0,
                         "noise-multiplier": 0.0, "sample-rate": 0.0, "steps": 0})
     else:

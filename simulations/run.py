@@ -22,6 +22,7 @@ from shared_model.run_settings import validate_run_config
 from shared_model.runners.flower_runtime import (ROOT, RunFailed, default_run_config, flower_env, flwr_run,
                                                  stop_superlink, superlink_pids, toml_value)
 
+PATH_KEYS = ("site-state-dir", "federation-state", "resume-from", "init-from", "vocab-file", "server-eval-data")
 DEFAULT_FEDERATION = {"num-supernodes": 4, "client-resources-num-cpus": 1}
 
 
@@ -55,6 +56,9 @@ def run_simulation(scenarios: list[Path], *, output_dir: Path, timeout: float, o
     run_config.update(overrides or {})
     validate_run_config({**default_run_config(), **run_config})
     run_config["output-dir"] = str(output_dir.absolute())
+    for key in PATH_KEYS:  # the apps run in Flower's own folders: relative paths mean the project root
+        if run_config.get(key) and not Path(str(run_config[key])).expanduser().is_absolute():
+            run_config[key] = str(ROOT / str(run_config[key]))
     fed = " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
     run_id, status, log = flwr_run(run_config, flower_env(flwr_home), timeout=timeout, stream_to=stream_to,
                                    extra_args=["--federation-config", fed])

@@ -31,8 +31,9 @@ def honest(global_model, seed, scale=1e-3):
 
 
 def metrics(**kw):
-    base = {"num-examples": 100, "train-loss": 2.0, "epsilon": 1.0, "delta": 1e-5, "noise-multiplier": 1.0,
-            "sample-rate": 0.1, "steps": 10}
+    base = {"num-examples": 100, "train-loss": 2.0, "epsilon": 1.0, "delta": 1e-5, "target-epsilon": 8.0,
+            "epsilon-remaining": 7.0, "run-epsilon-granted": 2.0, "records-trained": 100, "records-retired": 0,
+            "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10}
     base.update(kw)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -137,10 +138,10 @@ def test_extra_site_keys_such_as_a_ledger_head_are_accepted(global_model):
 
 
 def test_the_expected_metric_keys_are_one_tuple_to_extend(global_model):
-    keys = TRAIN_METRICS + ("records-trained",)
+    keys = TRAIN_METRICS + ("time-train",)
     s = strategy(global_model, train_metrics=keys)
-    aggregate(s, [reply(1, honest(global_model, 1), metric=metrics(**{"records-trained": 90})),
-                  reply(2, honest(global_model, 2), metric=metrics(**{"records-trained": 80}))])
+    aggregate(s, [reply(1, honest(global_model, 1), metric=metrics(**{"time-train": 9.0})),
+                  reply(2, honest(global_model, 2), metric=metrics(**{"time-train": 8.0}))])
     assert s.failures == []
 
 
