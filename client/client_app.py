@@ -34,7 +34,7 @@ def _model_and_vocab(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)  # a named error reply before anything else
-    from .timing import Phases
+    from .timing import Phases, cap_threads
 
     phases = Phases()
     from shared_model.model import model_state
@@ -51,6 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     ledger = site_ledger(rc, nc, context.run_id) if budget is not None else None
     ephemeral = ledger_is_ephemeral(rc, nc)
     site = {"name": name, "ledger-ephemeral": ephemeral}
+    threads = cap_threads(nc)
     phases.mark("setup")
     train_set, _ = site_data(rc, nc)
     phases.mark("data")
@@ -81,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord(model_state(model))
     phases.mark("reply")
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({**site, **phases.record()})})
+                          "site": ConfigRecord({**site, **phases.record(), "torch-threads": threads})})
     return Message(content=content, reply_to=msg)
 
 

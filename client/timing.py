@@ -23,11 +23,17 @@ def seconds_since_process_start() -> float | None:
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
+_fresh_process = True  # a simulation's actors serve many messages; a deployment's process serves one
+
+
 class Phases:
-    """`mark(name)` closes the phase that ran since the previous mark; `record()` gives them all."""
+    """`mark(name)` closes the phase that ran since the previous mark; `record()` gives them all.
+    The time before the handler counts only for the first message a process serves."""
 
     def __init__(self) -> None:
-        self.before = seconds_since_process_start()
+        global _fresh_process
+        self.before = seconds_since_process_start() if _fresh_process else 0.0
+        _fresh_process = False
         self.last = time.perf_counter()
         self.seconds: dict[str, float] = {}
 
@@ -41,3 +47,16 @@ class Phases:
         if self.before is not None:
             out["time-before-handler"] = round(self.before, 3)
         return out
+
+
+def cap_threads(node_config) -> int:
+    """Cap torch's intra-op threads at node_config `num-threads` when given (a site sharing its
+    machine), and never above the CPUs this process may run on; returns the number used."""
+    import torch
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = int(node_config.get("num-threads", 0) or 0) or torch.get_num_threads()
+    threads = max(1, min(wanted, allowed))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads

@@ -73,6 +73,7 @@ class RunOutputs:
                 vals = " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "" for k in metric_keys)
                 lines.append(f"| {rnd} | {site} | {vals} | {int(m.get('num-examples', 0)) or ''} |")
         lines += _site_sections(strategy)
+        lines += _timing_section(strategy)
         plot = self._plot(rows)
         if plot:
             lines += ["", f"![CIDEr-D and epsilon per round]({plot.name})"]
@@ -104,6 +105,23 @@ class RunOutputs:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _timing_section(strategy) -> list[str]:
+    """Where each site's train message spent its time (seconds), per round: before the handler
+    (process start, imports, app bundle), set-up, data, training, reply; overhead = all but training."""
+    timings = getattr(strategy, "timings", {})
+    if not timings:
+        return []
+    phases = ("before-handler", "setup", "data", "train", "reply")
+    lines = ["", "## Where each site's train message spent its time (s)", "",
+             "| round | site | " + " | ".join(phases) + " | overhead |", "|---" * (len(phases) + 3) + "|"]
+    for rnd, sites in sorted(timings.items()):
+        for site, t in sorted(sites.items()):
+            overhead = sum(v for k, v in t.items() if k != "train")
+            lines.append(f"| {rnd} | {site} | " + " | ".join(f"{t[k]:.2f}" if k in t else "" for k in phases)
+                         + f" | {overhead:.2f} |")
+    return lines
 
 
 def _site_sections(strategy) -> list[str]:

@@ -101,6 +101,7 @@ class FedCapStrategy(Strategy):
         self.exhausted: set[str] = set()
         self.failures: list[dict[str, Any]] = []  # every error, refusal and rejection: round, site, kind, reason
         self.trained_rounds: list[int] = []
+        self.timings: dict[int, dict[str, dict[str, float]]] = {}  # round -> site -> where its message's time went
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], vocab_words: list[str], on_evaluate=None, *,
@@ -242,6 +243,7 @@ class FedCapStrategy(Strategy):
         for site, (msg, _, _) in candidates.items():  # only from replies that passed every check
             self._record_budget(site, msg.content["metrics"])
             self._witness(server_round, site, msg)
+            self._record_timing(server_round, site, msg)
         if self.witness is not None:
             self.witness.save()
         if len(candidates) < self.min_train_nodes:
@@ -265,6 +267,12 @@ class FedCapStrategy(Strategy):
         log.warning("round %d: rejected the update of %s (node %d): check %s, value %r: %s", server_round, site,
                     node, e.check, e.value, e)
         self._fail(server_round, site, "rejected", f"{e.check} check failed: {e}", node)
+
+    def _record_timing(self, server_round: int, site: str, msg: Message) -> None:
+        info = msg.content["site"] if "site" in msg.content else {}
+        times = {k[5:]: float(v) for k, v in info.items() if k.startswith("time-") and isinstance(v, (int, float))}
+        if times:
+            self.timings.setdefault(server_round, {})[site] = times
 
     def _record_budget(self, site: str, metrics: MetricRecord) -> None:
         for key in BUDGET_METRICS:

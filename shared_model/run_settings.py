@@ -190,6 +190,7 @@ NODE_CONFIG: dict[str, Setting] = {
     "state-dir": Setting(str, nonempty=True),
     "ledger-mirror-dir": STR,
     "min-records": _int(1),
+    "num-threads": _int(1),
     # the site's own privacy budget (only the site sets it)
     "target-epsilon": POSITIVE,
     "target-delta": PROBABILITY_OPEN,

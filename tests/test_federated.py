@@ -78,6 +78,7 @@ def test_private_simulation_writes_each_site_ledger(tmp_path, flwr_home, sites2)
         assert records[-1]["epsilon"] > 8.0 * 0.9 and records[-1]["records_retired"] == 0
     summary = (run_dir / "summary.md").read_text()
     assert "| site-0 |" in summary and "| site-1 |" in summary
+    assert "## Where each site's train message spent its time" in summary and "| 2 | site-1 |" in summary
     # simulated sites whose ledgers live in the run folder are new every run: nothing to witness
     state = json.loads((tmp_path / "federation-state.json").read_text())
     assert state["sites"] == {}
