@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,7 +46,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     try:
         metrics = train_round(model=model, data=train_set, vocab=vocab,
-                              training=local_training(rc, msg.content["config"]), privacy=privacy, ledger=ledger,
+                              training=replace(local_training(rc, msg.content["config"]),
+                                               trainable=str(rc.get("trainable", "all"))),
+                              privacy=privacy, ledger=ledger,
                               run_id=str(context.run_id), server_round=server_round,
                               num_rounds=int(rc["num-server-rounds"]), device=device, seed=int(rc["seed"]))
     except BudgetExhaustedError as e:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
-from shared_model.model import Captioner, train_epoch
+from shared_model.model import Captioner, check_trainable, set_trainable, train_epoch
 from shared_model.privacy import DPSGDEvent, PrivacyLedger, check_dp_args, plan_dp_sgd, private_training, unwrap
 
 
@@ -47,6 +47,7 @@ class LocalTraining:
     lr: float
     max_physical_batch_size: int = 128
     proximal_mu: float = 0.0  # FedProx: after each step, w -= lr * mu * (w - w_global)
+    trainable: str = "all"  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
@@ -56,6 +57,7 @@ class LocalTraining:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        check_trainable(self.trainable)
 
 
 def planned_event(*, num_records: int, training: LocalTraining, privacy: SitePrivacy, num_rounds: int) -> DPSGDEvent:
@@ -75,8 +77,9 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     dataset = CaptionDataset(data, vocab, max_len=model.config.max_len)
     loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True)
     model.to(device).train()
+    params = set_trainable(model, training.trainable)  # before make_private: frozen = no grad, no noise
     global_weights = [p.detach().clone() for p in model.parameters()] if training.proximal_mu else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr)
+    optimizer = torch.optim.AdamW(params, lr=training.lr)
     event = None
     if privacy is not None:
         fingerprint = data.fingerprint()

@@ -7,7 +7,7 @@ from shared_model.lazy import lazy_exports
 
 _MODULES = {  # submodule: its public names
     'captioner': ('Captioner', 'caption_loss'),
-    'checkpoint': ('load_checkpoint', 'model_state', 'save_checkpoint'),
+    'checkpoint': ('checkpoint_sha256', 'load_checkpoint', 'model_state', 'save_checkpoint'),
     'config': ('DECODERS', 'ENCODERS', 'FUSIONS', 'RUN_CONFIG_KEYS', 'CaptionerConfig',
                'captioner_config_from_run_config'),
     'decoding': ('beam_search', 'greedy_decode'),
@@ -15,6 +15,7 @@ _MODULES = {  # submodule: its public names
     'layers': ('LSTM', 'MultiHeadAttention', 'TransformerDecoderLayer', 'sinusoidal_positions',
                'sinusoidal_positions_2d'),
     'training': ('train_epoch',),
+    'trainable': ('TRAINABLE', 'check_trainable', 'parameter_group', 'set_trainable'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)
