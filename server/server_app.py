@@ -15,14 +15,12 @@ log = logging.getLogger("flwr")  # Flower's handler prints it
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    import torch
-
     from shared_model.evaluation import evaluate
-    from shared_model.model import Captioner, captioner_config_from_run_config, load_checkpoint
     from shared_model.run_folder import run_dir
 
     from shared_model.util import utc_now
 
+    from .initial_model import initial_model, write_init_record
     from .outputs import RunOutputs
     from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, NoSiteCanTrain, build_strategy
@@ -31,16 +29,10 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     outputs = RunOutputs(run_dir(rc, context.run_id))
     outputs.save_run_config(dict(rc))  # as resolved: every figure reproducible without today's pyproject
-    resume = str(rc.get("resume-from", ""))
-    vocab = server_vocabulary(rc)  # operator-supplied or embedded; never pooled from site captions
-    if resume:
-        model, saved_vocab, _ = load_checkpoint(resume)
-        if saved_vocab != vocab and str(rc.get("vocab-file", "")):
-            raise ValueError(f"vocab-file {rc['vocab-file']} differs from the vocabulary of resume-from {resume}")
-        vocab = saved_vocab
-    else:
-        torch.manual_seed(int(rc["seed"]))
-        model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(vocab)))
+    # fresh, resume-from or init-from (a pretrained checkpoint, its vocabulary included)
+    init = initial_model(rc, server_vocabulary(rc))  # vocab: operator-supplied or embedded, never pooled
+    model, vocab = init.model, init.vocab
+    write_init_record(outputs.dir, init)
     eval_set = server_eval_set(rc, image_size=model.config.image_size)
     strategy = FedCapStrategy(build_strategy(rc), vocab.itos, on_evaluate=outputs.log_federated)
 
@@ -63,7 +55,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                        num_rounds=int(rc["num-server-rounds"]), timeout=float(rc.get("round-timeout", 3600)),
-                       train_config=ConfigRecord({"server-round": 0}), evaluate_config=ConfigRecord(),
+                       train_config=ConfigRecord({"server-round": 0, "init-checkpoint": init.sha256}),
+                       evaluate_config=ConfigRecord(),
                        evaluate_fn=evaluate_fn)
     except NoSiteCanTrain as e:
         ended = f"stopped early: {e}"
