@@ -95,3 +95,35 @@ def test_a_failing_server_app_fails_the_run(tmp_path, flwr_home, sites2):
     with pytest.raises(RuntimeError, match="status"):
         run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
                        overrides=overrides(num_server_rounds=1, resume_from=str(tmp_path / "no-such-checkpoint")))
+
+
+def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_home, sites2):
+    """Public pretraining -> federated DP fine-tuning of fusion+decoder from it (init-from)."""
+    import torch
+
+    from shared_model.evaluation import evaluate
+    from shared_model.model import checkpoint_sha256, load_checkpoint, parameter_group
+    from shared_model.runners import default_run_config
+    from simulations.pretrained import pretrain_for
+
+    rc = overrides(num_server_rounds=2, trainable="fusion+decoder", target_epsilon=8.0)
+    checkpoint, public = pretrain_for({**default_run_config(), **rc}, cache=tmp_path / "pretrained",
+                                      log=lambda s: None, train_size=300, epochs=2, batch_size=32)
+    result = run_simulation([sites2], output_dir=tmp_path / "runs", timeout=TIMEOUT, flwr_home=flwr_home,
+                            stream_to=None, overrides={**rc, "init-from": str(checkpoint)})
+    run_dir = result["run_dir"]
+    assert json.loads((run_dir / "init_checkpoint.json").read_text()) == {
+        "source": "init-from", "checkpoint": str(checkpoint), "init-checkpoint": checkpoint_sha256(checkpoint)}
+    pretrained, vocab, _ = load_checkpoint(checkpoint)
+    from shared_model.data import load_embedded
+    expected, _ = evaluate(pretrained, load_embedded("test", 30, image_size=32), vocab, meteor=False)
+    rows = rounds(run_dir)
+    assert rows[0]["CIDEr-D"] == pytest.approx(expected["CIDEr-D"])  # round 0 is the public-only model
+    final, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-0002")
+    for (name, p), q in zip(pretrained.named_parameters(), final.parameters()):
+        if parameter_group(name) == "encoder":  # frozen at every site: no noise, no update
+            assert torch.allclose(p, q, atol=1e-6), name
+        else:
+            assert not torch.equal(p, q), name
+    for site in ("site-0", "site-1"):
+        assert len(PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()) == 2

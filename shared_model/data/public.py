@@ -7,7 +7,7 @@ from `split_seed(split, seed)`. The public variant is a different population of 
   - its own "camera": every image is blurred (Gaussian, sigma 1.6 px) then colour-cast (one fixed
     white balance), like a second site with a soft lens and another sensor. No private record is
     seen through this camera, so no public image equals a private one (an unskewed private image has
-    sharp edges; the blur leaves none), which tests/test_public.py checks for the default seeds.
+    sharp edges; the blur leaves none), which tests/test_pretraining.py checks for the default seeds.
 The grammar is shared, so caption *sets* repeat across populations (as they do between the private
 train and test splits: about a quarter of single-object scenes); the records never do.
 
