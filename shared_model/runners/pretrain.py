@@ -22,7 +22,7 @@ from typing import Any, Callable
 from .centralized import CentralizedConfig, run_centralized
 
 NO_BUDGET = "public pretraining: non-private, on public data only; it spends no site privacy budget"
-PRETRAIN_DEFAULTS = dict(source="public", train_size=20_000, epochs=5, batch_size=64, lr=3e-3,
+PRETRAIN_DEFAULTS = dict(source="public", train_size=12_000, epochs=4, batch_size=64, lr=3e-3,
                          lr_schedule="cosine", beam_size=1, meteor=False, kind="pretrained")
 CACHE_FORMAT = "fedcap-pretrain/1"  # bump when the pretraining code changes what a setting produces
 
