@@ -48,14 +48,17 @@ def comparison(run_dir: Path, public: Mapping[str, Any]) -> str:
     if not rows:
         return ""
     first, last = rows[0], rows[-1]
-    eps = last.get("max-site-epsilon", "")
+    eps = last.get("max-site-epsilon")
+    federated = f"federated, round {last['round']}"
+    if isinstance(eps, float):
+        federated += f" (max site epsilon {eps:.2f})"
+    when = "reused from the cache" if public.get("reused") else "trained in this run"
     lines = ["## Public pretraining vs federated fine-tuning (server evaluation set)", "",
              "| model | " + " | ".join(COMPARED) + " |", "|---" * (len(COMPARED) + 1) + "|",
-             f"| public only (pretrained, round 0) | " + " | ".join(f"{first[k]:.4f}" for k in COMPARED) + " |",
-             f"| federated, round {last['round']}" + (f" (max site epsilon {eps:.2f})" if isinstance(eps, float) else "")
-             + " | " + " | ".join(f"{last[k]:.4f}" for k in COMPARED) + " |", "",
-             f"Pretraining: {public.get('seconds', 0):.0f} s when trained (0 when reused from the cache); "
-             "non-private, public data only, no site privacy budget spent.", ""]
+             "| public only (pretrained, round 0) | " + " | ".join(f"{first[k]:.4f}" for k in COMPARED) + " |",
+             f"| {federated} | " + " | ".join(f"{last[k]:.4f}" for k in COMPARED) + " |", "",
+             f"Public pretraining ({when}; {public.get('seconds', 0):.0f} s when trained): non-private, public data "
+             "only, no site privacy budget spent.", ""]
     return "\n".join(lines)
 
 

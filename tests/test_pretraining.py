@@ -86,6 +86,7 @@ def test_pretrain_cache_reuses_a_checkpoint_while_settings_are_unchanged(tmp_pat
     sha = checkpoint_sha256(checkpoint)
     again, cached = cached_pretrain(cfg, tmp_path, log=lines.append)
     assert again == checkpoint and checkpoint_sha256(again) == sha and cached["metrics"] == result["metrics"]
+    assert cached["reused"] and "reused" not in result
     assert "reusing" in lines[-1]
     other = pretrain_config(train_size=64, test_size=8, epochs=2, batch_size=32, model=TINY_MODEL)
     assert settings_hash(other) != settings_hash(cfg)

@@ -59,5 +59,5 @@ def cached_pretrain(cfg: CentralizedConfig, root: str | Path, *, log: Callable[[
     metrics_path, checkpoint = out / "metrics.json", out / "checkpoint"
     if metrics_path.is_file() and (checkpoint / "model.safetensors").is_file():
         log(f"public pretraining: reusing {checkpoint} (settings unchanged; no site budget spent)")
-        return checkpoint, json.loads(metrics_path.read_text())
+        return checkpoint, {**json.loads(metrics_path.read_text()), "reused": True}
     return checkpoint, run_pretrain(cfg, out, log=log)
