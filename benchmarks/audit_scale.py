@@ -28,7 +28,7 @@ def write_ledger(folder: Path, *, rounds: int, records: int, accountant: str) ->
     t0 = time.perf_counter()
     with ledger.transaction() as tx:
         histories = tx.histories()
-        lines, write = [], ledger._write
+        write = ledger._write
         ledger._write = lambda recs: None  # one write at the end: the set-up is not what is measured
         for r in range(1, rounds + 1):
             if r % 50 == 0:

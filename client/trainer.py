@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
-from shared_model.model import Captioner, train_epoch
+from shared_model.model import Captioner, check_trainable, set_trainable, train_epoch
 from shared_model.privacy import (PrivacyLedger, RunRequest, SiteBudget, check_witness, plan_round, private_training,
                                   unwrap)
 
@@ -37,6 +37,7 @@ class LocalTraining:
     max_physical_batch_size: int = 128
     proximal_mu: float = 0.0  # FedProx: after each step, w -= lr * mu * (w - w_global)
     fixed_batch_shapes: bool = False  # DP: pad every physical batch to max_physical_batch_size (GPU)
+    trainable: str = "all"  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
@@ -46,6 +47,7 @@ class LocalTraining:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        check_trainable(self.trainable)
 
 
 def unique_records(data: CaptionSet) -> tuple[list[str], list[int]]:
@@ -103,8 +105,9 @@ def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: Loca
     loader = DataLoader(CaptionDataset(data, vocab, max_len=model.config.max_len), batch_size=training.batch_size,
                         shuffle=True)
     model.to(device).train()
+    params = set_trainable(model, training.trainable)  # before make_private: frozen = no grad, no noise
     global_weights = [p.detach().clone() for p in model.parameters()] if training.proximal_mu else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr)
+    optimizer = torch.optim.AdamW(params, lr=training.lr)
     wrapped = model
     if event is not None:
         _, wrapped, optimizer, loader = private_training(module=model, optimizer=optimizer, data_loader=loader,

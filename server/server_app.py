@@ -38,13 +38,11 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, context: Context, rc: dict) -> None:
-    import torch
-
     from shared_model.evaluation import evaluate
-    from shared_model.model import Captioner, captioner_config_from_run_config, load_checkpoint
     from shared_model.run_folder import run_dir
     from shared_model.util import utc_now
 
+    from .initial_model import initial_model, write_init_record
     from .outputs import RunOutputs
     from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, RoundFailed
@@ -53,20 +51,13 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     t0 = time.perf_counter()
     outputs = RunOutputs(run_dir(rc, context.run_id))
     outputs.save_run_config(dict(context.run_config))  # as resolved: every figure reproducible
-    resume = rc.get("resume-from", "")
-    try:
-        vocab = server_vocabulary(rc)  # operator-supplied or embedded; never pooled from site captions
-        if resume:
-            model, saved_vocab, _ = load_checkpoint(resume)
-            if saved_vocab != vocab and rc.get("vocab-file", ""):
-                raise ValueError(f"vocab-file {rc['vocab-file']} differs from the vocabulary of resume-from {resume}")
-            vocab = saved_vocab
-        else:
-            torch.manual_seed(rc["seed"])
-            model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(vocab)))
+    try:  # fresh, resume-from or init-from (a pretrained checkpoint, its vocabulary included)
+        init = initial_model(rc, server_vocabulary(rc))  # vocab: operator-supplied or embedded, never pooled
+        model, vocab = init.model, init.vocab
+        write_init_record(outputs.dir, init)
         eval_set = server_eval_set(rc, image_size=model.config.image_size)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        raise _refuse(f"{'resume-from: ' if resume else ''}{e}") from None
+        raise _refuse(str(e)) from None
     strategy = FedCapStrategy.from_run_config(rc, vocab.itos, on_evaluate=outputs.log_federated,
                                               witness=FederationState(federation_state_path(rc)),
                                               run_id=str(context.run_id))
@@ -90,7 +81,8 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     try:
         strategy.start(grid=grid,
                        initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rc["num-server-rounds"],
-                       timeout=float(rc.get("round-timeout", 3600)), train_config=ConfigRecord({"server-round": 0}),
+                       timeout=float(rc.get("round-timeout", 3600)),
+                       train_config=ConfigRecord({"server-round": 0, "init-checkpoint": init.sha256}),
                        evaluate_config=ConfigRecord(), evaluate_fn=evaluate_fn)
     except RoundFailed as e:
         ended, failure = f"failed: {e}", e

@@ -30,6 +30,8 @@ from simulations.run import run_simulation
 AUDIT_CONFIG: dict[str, Any] = {
     "num-server-rounds": 5,
     "local-epochs": 8,
+    "batch-size": 64,  # from-scratch training, not the fine-tuning defaults of pyproject
+    "lr": 0.003,
     "train-size": 800,
     "partitioner": "iid",
     "server-eval-size": 100,

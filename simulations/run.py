@@ -8,6 +8,11 @@ dependency install, no telemetry or update check, Ray temp folder), submits the 
 ServerApp failure still makes `flwr run --stream` exit 0), saves the resolved scenario beside the
 results and names the run folder. `--stop-superlink` stops the local SuperLink that `flwr run`
 starts and leaves running.
+
+Unless `--no-pretrain` is given or the scenario sets `init-from` itself, the main job first
+pretrains the captioner on the embedded generator's public variant (non-private, no site budget
+spent; cached under .fedcap/pretrained/, simulations/pretrained.py) and starts the federation from
+that checkpoint; the summary then shows the public-only score beside the federated one.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the run is abandoned")
     parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running")
     parser.add_argument("--stop-superlink", action="store_true", help="only stop the local SuperLink and exit")
+    parser.add_argument("--no-pretrain", action="store_true",
+                        help="start from a fresh model instead of the public pretrained checkpoint")
     args = parser.parse_args(argv)
     flwr_home = ROOT / ".fedcap" / "flwr-home"
     if args.stop_superlink:
@@ -85,16 +92,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     running_before = bool(superlink_pids(flwr_home))
     try:
-        result = run_simulation(args.scenarios, output_dir=args.output_dir, timeout=args.timeout)
+        overrides, public = _public_start(args)
+        result = run_simulation(args.scenarios, output_dir=args.output_dir, timeout=args.timeout,
+                                overrides=overrides)
     except (RuntimeError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"simulation failed: {e}", file=sys.stderr)
         return 1
     finally:
         if not args.keep_superlink and not running_before:
             stop_superlink(flwr_home)
+    if public is not None:
+        from .pretrained import append_comparison
+
+        print("\n" + append_comparison(result["run_dir"], public))
     print(f"\nrun {result['run_id']} {result['status']}; outputs: {result['run_dir']}")
     print(f"summary: {result['run_dir'] / 'summary.md'}")
     return 0
+
+
+def _public_start(args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """(run-config overrides, pretraining result): init-from the cached public checkpoint, unless
+    --no-pretrain or the scenario names its own init-from / resume-from."""
+    run_config, _ = load_scenario(args.scenarios)
+    if args.no_pretrain or run_config.get("init-from") or run_config.get("resume-from"):
+        return {}, None
+    from .pretrained import pretrain_for
+
+    checkpoint, public = pretrain_for({**default_run_config(), **run_config})
+    return {"init-from": str(checkpoint.absolute())}, public
 
 
 if __name__ == "__main__":

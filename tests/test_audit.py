@@ -210,7 +210,7 @@ def test_golden_multi_event_composition(tmp_path):
 
 
 def test_site_names_in_a_federation_of_state_dirs(run_dir, tmp_path):
-    state = shutil.copytree(run_dir / "sites/site-0", tmp_path / "deploy" / "sites" / "hospital-a" / "state")
+    shutil.copytree(run_dir / "sites/site-0", tmp_path / "deploy" / "sites" / "hospital-a" / "state")
     other = shutil.copytree(run_dir / "sites/site-1", tmp_path / "elsewhere" / "site-0")
     sites = find_ledgers([tmp_path / "deploy", other, run_dir / "sites/site-0"])
     assert [name for name, _ in sites] == ["hospital-a", str(other.resolve()), str((run_dir / "sites/site-0").resolve())]

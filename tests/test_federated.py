@@ -179,3 +179,37 @@ def test_a_corrupt_resume_checkpoint_fails_the_run_naming_the_file(tmp_path, flw
     assert f"FedCap run refused: resume-from: checkpoint weights {weights} (100 bytes) are corrupt" in err.value.log
     stop_superlink(flwr_home)
     assert superlink_pids(flwr_home) == []  # stop_superlink waits until it has exited
+
+
+def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_home, sites2):
+    """Public pretraining -> federated DP fine-tuning of fusion+decoder from it (init-from)."""
+    import torch
+
+    from shared_model.evaluation import evaluate
+    from shared_model.model import checkpoint_sha256, load_checkpoint, parameter_group
+    from shared_model.runners import default_run_config
+    from simulations.pretrained import pretrain_for
+
+    rc = overrides(num_server_rounds=2, trainable="fusion+decoder", target_epsilon=8.0)
+    checkpoint, public = pretrain_for({**default_run_config(), **rc}, cache=tmp_path / "pretrained",
+                                      log=lambda s: None, train_size=300, epochs=2, batch_size=32)
+    result = run_simulation([sites2], output_dir=tmp_path / "runs", timeout=TIMEOUT, flwr_home=flwr_home,
+                            stream_to=None, overrides={**rc, "init-from": str(checkpoint)})
+    run_dir = result["run_dir"]
+    assert json.loads((run_dir / "init_checkpoint.json").read_text()) == {
+        "source": "init-from", "checkpoint": str(checkpoint), "init-checkpoint": checkpoint_sha256(checkpoint)}
+    pretrained, vocab, _ = load_checkpoint(checkpoint)
+    from shared_model.data import load_embedded
+    expected, _ = evaluate(pretrained, load_embedded("test", 30, image_size=32), vocab, meteor=False)
+    rows = rounds(run_dir)
+    assert rows[0]["CIDEr-D"] == pytest.approx(expected["CIDEr-D"])  # round 0 is the public-only model
+    final, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-0002")
+    for (name, p), q in zip(pretrained.named_parameters(), final.parameters()):
+        if parameter_group(name) == "encoder":  # frozen at every site: no noise, no update
+            assert torch.allclose(p, q, atol=1e-6), name
+        else:
+            assert not torch.equal(p, q), name
+    for site in ("site-0", "site-1"):
+        lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
+        assert [r["kind"] for r in lines] == ["grant", "dp-sgd", "dp-sgd"]
+        assert {r["init_checkpoint"] for r in lines} == {checkpoint_sha256(checkpoint)}  # the ledger names it

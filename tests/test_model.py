@@ -9,7 +9,7 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared_model.data import Vocabulary
-from shared_model.model import DECODERS, FUSIONS, Captioner, CaptionerConfig, caption_loss
+from shared_model.model import DECODERS, FUSIONS, Captioner, caption_loss
 from shared_model.privacy import make_private
 
 from conftest import random_batch, tiny_config

@@ -13,6 +13,7 @@ _MODULES = {  # submodule: its public names
                 'load_karpathy'),
     'partition': ('METHODS', 'dirichlet_label_partition', 'iid_partition', 'partition_caption_set',
                   'quantity_skew_partition'),
+    'public': ('PUBLIC_CAMERA', 'PUBLIC_SIZE', 'PUBLIC_STREAM', 'load_public', 'public_camera', 'public_seed'),
     'records': ('CaptionSet', 'SkippedRecord'),
     'skew': ('SKEW_KINDS', 'apply_feature_skew', 'site_feature_skews'),
     'synthetic': ('COLOURS', 'LABEL_ATTRIBUTES', 'MIN_IMAGE_SIZE', 'SHAPES', 'SIZES', 'SPLITS', 'generate_scenes',

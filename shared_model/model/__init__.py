@@ -7,13 +7,14 @@ from shared_model.lazy import lazy_exports
 
 _MODULES = {  # submodule: its public names
     'captioner': ('Captioner', 'caption_loss'),
-    'checkpoint': ('load_checkpoint', 'model_state', 'save_checkpoint'),
+    'checkpoint': ('checkpoint_sha256', 'load_checkpoint', 'model_state', 'save_checkpoint'),
     'config': ('DECODERS', 'ENCODERS', 'FUSIONS', 'RUN_CONFIG_KEYS', 'CaptionerConfig',
                'captioner_config_from_run_config'),
     'decoding': ('beam_search', 'greedy_decode'),
     'encoders': ('build_encoder', 'load_resnet18_backbone'),
     'layers': ('LSTM', 'MultiHeadAttention', 'TransformerDecoderLayer', 'sinusoidal_positions',
                'sinusoidal_positions_2d'),
+    'trainable': ('TRAINABLE', 'check_trainable', 'parameter_group', 'set_trainable'),
     'training': ('pad_batch', 'train_epoch'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}

@@ -99,3 +99,17 @@ def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu"
     except RuntimeError as e:
         raise ValueError(f"checkpoint weights {directory / WEIGHTS} do not match its config: {e}") from e
     return model.to(device).eval(), vocab, doc.get("metadata", {})
+
+
+def checkpoint_sha256(directory: str | Path) -> str:
+    """SHA-256 (hex) of a checkpoint's weights file: what a run started from, for ledgers and audits."""
+    import hashlib
+
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {directory} has no {WEIGHTS}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,6 +1,8 @@
-"""Centralized training on one dataset, private or not: the baseline federated runs compare to.
+"""Centralized training on one dataset, private or not: the baseline federated runs compare to,
+and (non-private, on public data) the pretraining federations start from.
 
-Trains on the embedded synthetic dataset, evaluates on its held-out test split (plus the trivial
+Trains on the embedded synthetic dataset, its public variant or a data folder (runners/sources.py),
+optionally from a checkpoint (`init_from`), evaluates on the held-out test split (plus the trivial
 one-caption baseline), reports epsilon when private, and writes a run folder:
   <out>/config.json    the resolved settings (enough to reproduce the run)
   <out>/metrics.json   per-epoch loss, final metrics, baseline metrics, epsilon
@@ -19,10 +21,14 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from shared_model.data import CaptionDataset, load_embedded, synthetic_vocabulary
+from shared_model.data import CaptionDataset
 from shared_model.evaluation import caption_metrics, evaluate, trivial_baseline_predictions
-from shared_model.model import Captioner, CaptionerConfig, save_checkpoint, train_epoch
+from shared_model.model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint, train_epoch
 from shared_model.privacy import unwrap
+
+from .sources import training_data
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -45,6 +51,13 @@ class CentralizedConfig:
     meteor: bool = True
     device: str = "auto"
     model: dict[str, Any] = field(default_factory=dict)  # CaptionerConfig overrides
+    source: str = "embedded"  # embedded | public (the embedded generator's public variant)
+    data: str = ""  # a dataset folder instead of the embedded source
+    data_format: str = "coco"  # coco | karpathy | csv | jsonl (data)
+    vocab_file: str = ""  # fedcap-vocab/1 JSON ("" = embedded vocabulary, or built from a folder's captions)
+    init_from: str = ""  # a checkpoint to start from (its model config and vocabulary must match)
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 over the planned steps)
+    kind: str = "centralized"  # checkpoint metadata: centralized | pretrained
 
     def __post_init__(self) -> None:
         for name in ("train_size", "test_size", "epochs", "batch_size", "max_physical_batch_size", "beam_size"):
@@ -52,6 +65,8 @@ class CentralizedConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,16 +81,20 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    vocab = synthetic_vocabulary()
+    image_size = int(cfg.model.get("image_size", CaptionerConfig.image_size))
+    train, test, vocab = training_data(source=cfg.source, data=cfg.data, data_format=cfg.data_format,
+                                       train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed,
+                                       image_size=image_size, vocab_file=cfg.vocab_file)
     model_cfg = CaptionerConfig(vocab_size=len(vocab), **cfg.model)
-    train = load_embedded("train", cfg.train_size, seed=cfg.seed, image_size=model_cfg.image_size)
-    test = load_embedded("test", cfg.test_size, seed=cfg.seed, image_size=model_cfg.image_size)
-    model = Captioner(model_cfg).to(device)
+    model = Captioner(model_cfg)
+    if cfg.init_from:
+        _load_init(model, vocab, cfg.init_from)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = DataLoader(CaptionDataset(train, vocab, max_len=model_cfg.max_len), batch_size=cfg.batch_size,
                         shuffle=True, drop_last=False)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"centralized training: {len(train)} train / {len(test)} test images, {n_params:,} trainable parameters, "
+    log(f"{cfg.kind} training: {len(train)} train / {len(test)} test images, {n_params:,} trainable parameters, "
         f"{model_cfg.encoder}+{model_cfg.fusion}+{model_cfg.decoder}, device {device}, "
         f"{'DP-SGD' if cfg.dp else 'non-private'}")
     engine = None
@@ -93,10 +112,12 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
         log(f"DP-SGD: sample_rate {event.sample_rate:.4f}, ~{event.steps} steps, noise_multiplier "
             f"{noise_multiplier:.3f}, max_grad_norm {cfg.max_grad_norm}, accountant {cfg.accountant}")
     history = []
+    schedule = _schedule(optimizer, cfg, total_steps=cfg.epochs * len(loader))
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
         stats = train_epoch(model, optimizer, loader, device=device,
-                            max_physical_batch_size=cfg.max_physical_batch_size if cfg.dp else None)
+                            max_physical_batch_size=cfg.max_physical_batch_size if cfg.dp else None,
+                            after_step=schedule)
         row = {"epoch": epoch, "loss": stats["loss"], "seconds": time.perf_counter() - te}
         if engine is not None:
             row["epsilon"] = engine.get_epsilon(cfg.target_delta)
@@ -119,11 +140,39 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
     (out / "config.json").write_text(json.dumps({"centralized": dataclasses.asdict(cfg),
                                                  "model": model_cfg.to_dict()}, indent=2))
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    save_checkpoint(out / "checkpoint", plain, vocab, metadata={"kind": "centralized", "epsilon": result["epsilon"],
-                                                                "target_delta": result["target_delta"]})
+    save_checkpoint(out / "checkpoint", plain, vocab, metadata={
+        "kind": cfg.kind, "epsilon": result["epsilon"], "target_delta": result["target_delta"],
+        "source": cfg.data or cfg.source, "init_from": cfg.init_from, "metrics": metrics})
     log(_summary(result))
     log(f"outputs: {out.resolve()}")
     return result
+
+
+def _load_init(model: Captioner, vocab, path: str) -> None:
+    """Weights of checkpoint `path` into `model`, refusing another vocabulary or model shape."""
+    loaded, saved_vocab, _ = load_checkpoint(Path(path).expanduser())
+    if saved_vocab != vocab:
+        raise ValueError(f"init_from {path} has a vocabulary of {len(saved_vocab)} words, the training data's has "
+                         f"{len(vocab)}: give vocab_file={Path(path) / 'vocab.json'}")
+    try:
+        model.load_state_dict(loaded.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"init_from {path} does not fit the configured model: {e}") from None
+
+
+def _schedule(optimizer, cfg: CentralizedConfig, *, total_steps: int) -> Callable[[], None] | None:
+    """Cosine decay of the learning rate from cfg.lr to 0 over `total_steps` optimizer steps."""
+    if cfg.lr_schedule == "constant":
+        return None
+    import math
+
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done[0] / max(total_steps, 1), 1.0)))
+    return step
 
 
 def _summary(result: dict) -> str:

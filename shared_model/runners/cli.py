@@ -9,19 +9,83 @@ import time
 from pathlib import Path
 
 
+def _common(args: argparse.Namespace) -> dict:
+    """CentralizedConfig fields shared by `train` and `pretrain`."""
+    model = {k: v for k, v in {"decoder": args.decoder, "fusion": args.fusion, "encoder": args.encoder,
+                               "encoder_weights": args.encoder_weights}.items() if v is not None}
+    if args.data is not None and not Path(args.data).expanduser().is_dir():
+        raise FileNotFoundError(f"--data folder not found: {args.data}")
+    return dict(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, batch_size=args.batch_size,
+                lr=args.lr, lr_schedule=args.lr_schedule, beam_size=args.beam_size, meteor=not args.no_meteor,
+                seed=args.seed, device=args.device, model=model, data=str(args.data or ""), data_format=args.format,
+                vocab_file=str(args.vocab_file or ""), init_from=str(args.init_from or ""))
+
+
 def _train(args: argparse.Namespace) -> int:
     from .centralized import CentralizedConfig, run_centralized
 
-    model = {k: v for k, v in {"decoder": args.decoder, "fusion": args.fusion, "encoder": args.encoder,
-                               "encoder_weights": args.encoder_weights}.items() if v is not None}
-    cfg = CentralizedConfig(
-        train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, dp=args.dp, target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
-        target_delta=args.target_delta, max_grad_norm=args.max_grad_norm, beam_size=args.beam_size,
-        meteor=not args.no_meteor, seed=args.seed, device=args.device, model=model)
+    cfg = CentralizedConfig(**_common(args), dp=args.dp, target_epsilon=args.target_epsilon,
+                            noise_multiplier=args.noise_multiplier, target_delta=args.target_delta,
+                            max_grad_norm=args.max_grad_norm)
     out = args.out or Path("runs") / time.strftime(f"centralized-{'dp' if args.dp else 'nodp'}-%Y%m%d-%H%M%S")
     run_centralized(cfg, out)
     return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain_config, run_pretrain
+
+    cfg = pretrain_config(**_common(args), source=args.source)
+    run_pretrain(cfg, args.out or Path("runs") / time.strftime("pretrained-%Y%m%d-%H%M%S"))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from shared_model.evaluation import evaluate
+    from shared_model.model import load_checkpoint
+
+    from .centralized import resolve_device
+    from .sources import evaluation_data
+
+    device = resolve_device(args.device)
+    model, vocab, _ = load_checkpoint(args.checkpoint, device=device)
+    data = evaluation_data(args.data, args.format, image_size=model.config.image_size, split=args.split,
+                           limit=args.limit)
+    metrics, predictions = evaluate(model, data, vocab, beam_size=args.beam_size, device=device,
+                                    meteor=not args.no_meteor)
+    print(f"{args.checkpoint} on {args.data} ({len(data)} images, beam {args.beam_size})")
+    for name, value in metrics.items():
+        print(f"{name:10} {value:.4f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data),
+                                               "images": len(data), "metrics": metrics,
+                                               "examples": dict(list(predictions.items())[:10])}, indent=2) + "\n")
+    return 0
+
+
+def _training_options(p: argparse.ArgumentParser, d) -> None:
+    """Options of `train` and `pretrain`, with `d` (a CentralizedConfig) giving the defaults."""
+    p.add_argument("--data", type=Path, help="a dataset folder (docs/data.md) instead of the embedded data")
+    p.add_argument("--format", default=d.data_format, choices=("coco", "karpathy", "csv", "jsonl"),
+                   help="format of --data (default %(default)s)")
+    p.add_argument("--vocab-file", type=Path, help="fedcap-vocab/1 JSON (default: embedded, or built from --data)")
+    p.add_argument("--init-from", type=Path, help="a checkpoint to start from (same model and vocabulary)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule)
+    p.add_argument("--train-size", type=int, default=d.train_size, help="embedded records (ignored with --data)")
+    p.add_argument("--test-size", type=int, default=d.test_size)
+    p.add_argument("--beam-size", type=int, default=d.beam_size)
+    p.add_argument("--decoder", choices=("lstm", "transformer"))
+    p.add_argument("--fusion", choices=("concat", "add", "attention"))
+    p.add_argument("--encoder", choices=("cnn", "resnet18"))
+    p.add_argument("--encoder-weights", help="local torchvision resnet18 state_dict (resnet18 encoder)")
+    p.add_argument("--no-meteor", action="store_true", default=not d.meteor, help="skip METEOR (Java start-up)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<kind>-<time>)")
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -82,33 +146,44 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .centralized import CentralizedConfig
+    from .pretrain import NO_BUDGET, pretrain_config
     from .vocab_cmd import add_vocab_parser
 
     parser = argparse.ArgumentParser(prog="fedcap", description="Federated DP image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="centralized training on the embedded synthetic dataset")
+    t = sub.add_parser("train", help="centralized training on the embedded dataset or a data folder")
     d = CentralizedConfig()  # the one place the centralized defaults live
     t.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus)")
     t.add_argument("--target-epsilon", type=float, default=d.target_epsilon)
     t.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="instead of --target-epsilon")
     t.add_argument("--target-delta", type=float, default=d.target_delta)
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--train-size", type=int, default=d.train_size)
-    t.add_argument("--test-size", type=int, default=d.test_size)
-    t.add_argument("--beam-size", type=int, default=d.beam_size)
-    t.add_argument("--decoder", choices=("lstm", "transformer"))
-    t.add_argument("--fusion", choices=("concat", "add", "attention"))
-    t.add_argument("--encoder", choices=("cnn", "resnet18"))
-    t.add_argument("--encoder-weights", help="local torchvision resnet18 state_dict (resnet18 encoder)")
-    t.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the Java start-up)")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
-    t.add_argument("--out", type=Path, help="run folder (default runs/centralized-...)")
+    _training_options(t, d)
     t.set_defaults(func=_train)
+
+    pre = sub.add_parser("pretrain", help="non-private pretraining on public data (no site budget spent)",
+                         description=f"Train the captioner without DP on public data: the embedded generator's "
+                                     f"public variant (default) or --data DIR. Writes an ordinary checkpoint "
+                                     f"(weights, config, vocabulary) to start federations from (init-from). "
+                                     f"{NO_BUDGET}.")
+    p = pretrain_config()  # the one place the pretraining defaults live
+    pre.add_argument("--source", choices=("public", "embedded"), default=p.source,
+                     help="embedded source when no --data is given (default %(default)s: the public variant)")
+    _training_options(pre, p)
+    pre.set_defaults(func=_pretrain)
+
+    e = sub.add_parser("evaluate", help="score a checkpoint on a data folder (BLEU, METEOR, ROUGE-L, CIDEr-D)")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("data", help="a dataset folder, or 'embedded' for the embedded test split")
+    e.add_argument("--format", default="coco", choices=("coco", "karpathy", "csv", "jsonl"))
+    e.add_argument("--split", default="test", choices=("train", "val", "test"), help="karpathy split")
+    e.add_argument("--limit", type=int, help="score the first N records only")
+    e.add_argument("--beam-size", type=int, default=3)
+    e.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the Java start-up)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    e.set_defaults(func=_evaluate)
 
     c = sub.add_parser("caption", help="print captions for image files from a checkpoint")
     c.add_argument("checkpoint", type=Path)
