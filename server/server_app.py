@@ -57,7 +57,8 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
         write_init_record(outputs.dir, init)
         eval_set = server_eval_set(rc, image_size=model.config.image_size)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        raise _refuse(str(e)) from None
+        start = "resume-from" if rc.get("resume-from") else "init-from" if rc.get("init-from") else ""
+        raise _refuse(f"{start + ': ' if start and not str(e).startswith(start) else ''}{e}") from None
     strategy = FedCapStrategy.from_run_config(rc, vocab.itos, on_evaluate=outputs.log_federated,
                                               witness=FederationState(federation_state_path(rc)),
                                               run_id=str(context.run_id))
