@@ -10,27 +10,15 @@ run and restart.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 from shared_model.data import CaptionSet
 
-HELD_OUT_FRACTION = 0.1
-
-
 def _split_held_out(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
-    """Records whose id hashes into the first decile are held out (at least one, never all)."""
-    buckets = np.array([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) % 10 for i in data.image_ids])
-    held = np.flatnonzero(buckets < HELD_OUT_FRACTION * 10)
-    if len(held) == 0 or len(held) == len(data):
-        held = np.arange(len(data) - max(1, len(data) // 10), len(data))
-    train = np.setdiff1d(np.arange(len(data)), held)
-    if len(train) == 0:
-        raise ValueError(f"site has {len(data)} record(s): too few to keep a held-out split")
-    return data.subset(train), data.subset(held)
+    from shared_model.data import hash_split
+
+    return hash_split(data, what="site")
 
 
 def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num_partitions: int

@@ -11,7 +11,7 @@ _MODULES = {  # submodule: its public names
     'loaders': ('FOLDER_FILES', 'FORMATS', 'IMAGE_COLUMNS', 'KARPATHY_SPLITS', 'CaptionDataError',
                 'load_caption_table', 'load_coco_captions', 'load_dataset', 'load_dataset_folder', 'load_images',
                 'load_karpathy'),
-    'partition': ('METHODS', 'dirichlet_label_partition', 'iid_partition', 'partition_caption_set',
+    'partition': ('METHODS', 'dirichlet_label_partition', 'hash_split', 'iid_partition', 'partition_caption_set',
                   'quantity_skew_partition'),
     'public': ('PUBLIC_CAMERA', 'PUBLIC_SIZE', 'PUBLIC_STREAM', 'load_public', 'public_camera', 'public_seed'),
     'records': ('CaptionSet', 'SkippedRecord'),

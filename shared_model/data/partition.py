@@ -104,3 +104,19 @@ def partition_caption_set(data: CaptionSet, num_partitions: int, *, method: str 
     else:
         parts = quantity_skew_partition(len(data), num_partitions, alpha=alpha, seed=seed, min_size=min_size)
     return [data.subset(part) for part in parts]
+
+
+def hash_split(data: CaptionSet, *, what: str = "dataset") -> tuple[CaptionSet, CaptionSet]:
+    """(kept, held out): the records whose image id hashes into the first decile are held out (at
+    least one, never all). Deterministic in the ids, so the same records are held out in every
+    round, run and restart, and the rest is the same training set every time."""
+    import hashlib
+
+    buckets = np.array([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) % 10 for i in data.image_ids])
+    held = np.flatnonzero(buckets < 1)
+    if len(held) == 0 or len(held) == len(data):
+        held = np.arange(len(data) - max(1, len(data) // 10), len(data))
+    kept = np.setdiff1d(np.arange(len(data)), held)
+    if len(kept) == 0:
+        raise ValueError(f"{what} has {len(data)} record(s): too few to hold some out")
+    return data.subset(kept), data.subset(held)

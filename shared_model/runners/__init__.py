@@ -12,7 +12,7 @@ _MODULES = {  # submodule: its public names
                        'stop_superlink', 'superlink_pids', 'toml_value', 'write_run_config'),
     'pretrain': ('CACHE_FORMAT', 'NO_BUDGET', 'PRETRAIN_DEFAULTS', 'cached_pretrain', 'pretrain_config',
                  'run_pretrain', 'settings_hash'),
-    'sources': ('HELD_OUT_DECILE', 'SOURCES', 'evaluation_data', 'load_folder_splits', 'training_data'),
+    'sources': ('SOURCES', 'evaluation_data', 'load_folder_splits', 'training_data'),
     'vocab_cmd': ('VOCAB_EXIT_CODES', 'add_vocab_parser', 'run_vocab'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}

@@ -14,28 +14,11 @@ else built from the folder's training captions (the data owner's own vocabulary)
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import numpy as np
-
-from shared_model.data import CaptionSet, Vocabulary
+from shared_model.data import CaptionSet, Vocabulary, hash_split
 
 SOURCES = ("embedded", "public")
-HELD_OUT_DECILE = 1
-
-
-def _hash_split(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
-    buckets = np.array([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) % 10 for i in data.image_ids])
-    held = np.flatnonzero(buckets < HELD_OUT_DECILE)
-    if len(held) == 0 or len(held) == len(data):
-        held = np.arange(len(data) - max(1, len(data) // 10), len(data))
-    train = np.setdiff1d(np.arange(len(data)), held)
-    if len(train) == 0:
-        raise ValueError(f"dataset has {len(data)} record(s): too few to hold out a test split")
-    return data.subset(train), data.subset(held)
-
-
 def load_folder_splits(data: str | Path, data_format: str, *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
     """(train, test) of a dataset folder."""
     from shared_model.data import load_dataset_folder
@@ -46,7 +29,7 @@ def load_folder_splits(data: str | Path, data_format: str, *, image_size: int) -
     if data_format == "karpathy":
         return (load_dataset_folder("karpathy", root, split="train", image_size=image_size),
                 load_dataset_folder("karpathy", root, split="test", image_size=image_size))
-    return _hash_split(load_dataset_folder(data_format, root, image_size=image_size))
+    return hash_split(load_dataset_folder(data_format, root, image_size=image_size))
 
 
 def training_data(*, source: str, data: str, data_format: str, train_size: int, test_size: int, seed: int,
