@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from shared_model.data import CaptionSet
 
+
 def _split_held_out(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
     from shared_model.data import hash_split
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from shared_model.data import CaptionSet, Vocabulary, hash_split
 
 SOURCES = ("embedded", "public")
+
+
 def load_folder_splits(data: str | Path, data_format: str, *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
     """(train, test) of a dataset folder."""
     from shared_model.data import load_dataset_folder
