@@ -46,7 +46,8 @@ class RunOutputs:
         os.replace(tmp, latest)  # never a torn or empty LATEST
         return path
 
-    def write_summary(self, *, run_config: dict[str, Any], strategy, ended: str, seconds: float) -> Path:
+    def write_summary(self, *, run_config: dict[str, Any], strategy, ended: str, seconds: float,
+                      extra: list[str] = ()) -> Path:
         """summary.md: how the run ended, every round's server-side metrics, federated evaluation,
         every site's failures (errors, refusals, rejected updates) and its budget as it reported it."""
         rows = self.rounds()
@@ -74,6 +75,7 @@ class RunOutputs:
                 lines.append(f"| {rnd} | {site} | {vals} | {int(m.get('num-examples', 0)) or ''} |")
         lines += _site_sections(strategy)
         lines += _timing_section(strategy)
+        lines += list(extra)
         plot = self._plot(rows)
         if plot:
             lines += ["", f"![CIDEr-D and epsilon per round]({plot.name})"]

@@ -42,6 +42,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     from shared_model.run_folder import run_dir
     from shared_model.util import utc_now
 
+    from .gallery import Gallery
     from .initial_model import initial_model, write_init_record
     from .outputs import RunOutputs
     from .server_data import server_eval_set, server_vocabulary
@@ -63,9 +64,12 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
                                               witness=FederationState(federation_state_path(rc)),
                                               run_id=str(context.run_id))
 
+    gallery = Gallery(eval_set, outputs.dir / "gallery", size=rc.get("gallery-size", 6))
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics, _ = evaluate(model, eval_set, vocab, beam_size=rc["eval-beam-size"], meteor=False)
+        metrics, predictions = evaluate(model, eval_set, vocab, beam_size=rc["eval-beam-size"], meteor=False)
+        gallery.observe(server_round, predictions)
         row = {"round": server_round, **metrics, "time": utc_now()}
         eps = list(strategy.site_epsilon.values())
         if eps:
@@ -88,7 +92,8 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     except RoundFailed as e:
         ended, failure = f"failed: {e}", e
         log.error("%s", ended)
-    summary = outputs.write_summary(run_config=rc, strategy=strategy, ended=ended, seconds=time.perf_counter() - t0)
+    summary = outputs.write_summary(run_config=rc, strategy=strategy, ended=ended, seconds=time.perf_counter() - t0,
+                                    extra=gallery.section())
     print(f"FedCap run finished ({ended}); outputs: {outputs.dir}\nsummary: {summary}", flush=True)
     if failure is not None:
         raise RunFailed(f"{failure} (rounds trained: {len(strategy.trained_rounds)}; summary: {summary})") from None

@@ -130,6 +130,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "batch-size": _int(1),
     "max-physical-batch-size": _int(1),
     "physical-batch-shape": _choice("auto", "fixed", "variable"),
+    "gallery-size": _int(0),
     "lr": POSITIVE,
     "seed": _int(0),
     "init-from": STR,

@@ -59,6 +59,8 @@ def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites
     summary = (run_dir / "summary.md").read_text()
     assert "ended: completed" in summary and (run_dir / "rounds.png").is_file()
     assert "| 3 | site-1 |" in summary and "| 3 | weighted mean |" in summary
+    assert "## What the model says" in summary and "| round 0 | round 3 |" in summary
+    assert (run_dir / "gallery" / "05.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def dp_lines(path):
