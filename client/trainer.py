@@ -88,7 +88,7 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
         tx.append_round(run_id=request.run_id, server_round=server_round, event=plan.event, members=plan.train_ids,
                         retired=plan.retired, max_grad_norm=budget.max_grad_norm,
                         target_epsilon=budget.target_epsilon, target_delta=budget.target_delta,
-                        accountant=budget.accountant, epsilon=max(plan.projected.values()),
+                        accountant=budget.accountant, epsilon=plan.epsilon_trained,
                         init_checkpoint=request.init_checkpoint)
         head, count = tx.head
     return {"num-examples": len(subset), "train-loss": losses[-1], "epsilon": plan.epsilon_after,

@@ -23,7 +23,7 @@ assumes mechanisms fixed in advance (docs/privacy.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, compute_epsilon
@@ -97,7 +97,7 @@ class RoundPlan:
     grant: dict[str, Any]            # the run's grant line (new or from the ledger)
     new_grant: bool
     spent_before: float              # max epsilon over current records before the round
-    projected: dict[str, float] = field(default_factory=dict)  # per trained record, after the round
+    epsilon_trained: float           # max epsilon over the records this round trains, after it
 
 
 def plan_round(*, histories: RecordHistories, grant: dict[str, Any] | None, record_ids: Sequence[str],
@@ -137,8 +137,7 @@ def plan_round(*, histories: RecordHistories, grant: dict[str, Any] | None, reco
     retired = len(record_ids) - len(train_ids)
     after = max([*projected.values(), *(spent[g] for g in by_group if g not in active)], default=0.0)
     return RoundPlan(event=event, train_ids=train_ids, retired=retired, epsilon_after=after, grant=grant,
-                     new_grant=new_grant, spent_before=spent_max,
-                     projected={rid: projected[g] for g in active for rid in by_group[g]})
+                     new_grant=new_grant, spent_before=spent_max, epsilon_trained=max(projected.values()))
 
 
 def _grant(spent: dict[int, float], by_group: dict[int, list[str]], *, budget: SiteBudget,
