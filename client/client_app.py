@@ -38,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
 
     phases = Phases()
     from shared_model.model import model_state
-    from shared_model.privacy import BudgetExhaustedError, ledger_head
+    from shared_model.privacy import BudgetExhaustedError
 
     from .settings import (ledger_is_ephemeral, local_training, run_request, site_budget, site_data, site_ledger,
                            site_name, witnessed_head)
@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
                               seed=int(rc["seed"]))
     except BudgetExhaustedError as e:
         log.warning("%s: %s", name, e)
-        head, count = ledger_head(ledger.records())
+        head, count = e.ledger_head
         content = RecordDict({
             "metrics": MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": e.spent,
                                      "delta": e.target_delta, "target-epsilon": e.target_epsilon}),

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
 from shared_model.model import Captioner, check_trainable, set_trainable, train_epoch
-from shared_model.privacy import (PrivacyLedger, RunRequest, SiteBudget, check_witness, plan_round, private_training,
-                                  unwrap)
+from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, RunRequest, SiteBudget, check_witness,
+                                  plan_round, private_training, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,12 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     with ledger.transaction() as tx:
         if witness is not None:
             check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
-        plan = plan_round(histories=tx.histories(), grant=tx.grant(request.run_id), record_ids=ids, budget=budget,
-                          request=request, server_round=server_round)
+        try:
+            plan = plan_round(histories=tx.histories(), grant=tx.grant(request.run_id), record_ids=ids,
+                              budget=budget, request=request, server_round=server_round)
+        except BudgetExhaustedError as e:
+            e.ledger_head = tx.head  # the refusal reply carries it without reading the ledger again
+            raise
         if plan.new_grant:
             tx.append(plan.grant)
         keep = set(plan.train_ids)

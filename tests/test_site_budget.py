@@ -11,7 +11,7 @@ from client.trainer import LocalTraining, train_round
 from shared_model.data import load_embedded, synthetic_vocabulary
 from shared_model.model import Captioner
 from shared_model.privacy import (BudgetExhaustedError, LedgerRollbackError, PrivacyLedger, RunRequest, SiteBudget,
-                                  build_histories)
+                                  build_histories, ledger_head)
 
 VOCAB = synthetic_vocabulary()
 TRAINING = LocalTraining(local_epochs=1, batch_size=16, lr=1e-3)
@@ -39,8 +39,9 @@ def test_adding_a_record_after_exhaustion_does_not_reset_anyone(tmp_path):
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     old = data(40)
     assert 2.9 < run(ledger, old, run_id="r1", run_epsilon=3.0, rounds=1)["epsilon"] <= 3.0
-    with pytest.raises(BudgetExhaustedError, match="budget exhausted"):  # nothing is left for a new run
+    with pytest.raises(BudgetExhaustedError, match="budget exhausted") as refusal:  # nothing left for a new run
         run(ledger, old, run_id="r2", rounds=1, run_epsilon=3.0)
+    assert refusal.value.ledger_head == ledger_head(ledger.records())  # what the refusal reply carries
     before = per_record(ledger)
     grown = load_embedded("train", 60, seed=0, image_size=32)  # the same 40 records and 20 new ones
     metrics = run(ledger, grown, run_id="r3", rounds=1, run_epsilon=3.0)

@@ -68,6 +68,7 @@ class BudgetExhaustedError(RuntimeError):
     def __init__(self, *, spent: float, projected: float, target_epsilon: float, target_delta: float,
                  reason: str = "") -> None:
         self.spent, self.projected, self.target_epsilon, self.target_delta = spent, projected, target_epsilon, target_delta
+        self.ledger_head: tuple[str, int] | None = None  # (hash, lines) of the ledger that refused, for the witness
         super().__init__(reason or f"privacy budget exhausted: epsilon spent {spent:.4f}, after this round "
                                    f"{projected:.4f} > target_epsilon {target_epsilon} (delta {target_delta:g})")
 
