@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared_model.privacy import FEDERATION_STATE_FORMAT, load_federation_state
 from shared_model.util import utc_now
 
-FORMAT = "fedcap-federation-state/1"
 log = logging.getLogger("flwr")
 
 
@@ -31,21 +31,6 @@ def federation_state_path(run_config: Mapping[str, Any]) -> Path:
     path = str(run_config.get("federation-state", ""))
     return Path(path).expanduser().absolute() if path else \
         Path(str(run_config["output-dir"])).expanduser().absolute() / "federation-state.json"
-
-
-def load_federation_state(path: str | Path) -> dict[str, dict[str, Any]]:
-    """site -> its witnessed head; {} for a missing file; ValueError naming the file if malformed."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        assert doc["format"] == FORMAT and isinstance(doc["sites"], dict)
-        for site, head in doc["sites"].items():
-            assert isinstance(head["head"], str) and isinstance(head["records"], int)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise ValueError(f"federation state {path} is not a valid {FORMAT} file ({type(e).__name__}: {e})") from None
-    return doc["sites"]
 
 
 class FederationState:
@@ -71,5 +56,6 @@ class FederationState:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "sites": self.sites}, indent=2, sort_keys=True) + "\n")
+        doc = {"format": FEDERATION_STATE_FORMAT, "sites": self.sites}
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.path)

@@ -135,6 +135,26 @@ def check_witness(records: list[dict[str, Any]], *, head: str, count: int, path:
               "that holds the witnessed line; see docs/privacy.md, 'Lost or rolled-back ledgers'.")
 
 
+FEDERATION_STATE_FORMAT = "fedcap-federation-state/1"
+
+
+def load_federation_state(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The server's witness file: site -> {"head", "records", ...}; {} for a missing file;
+    ValueError naming the file when it is malformed."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        assert doc["format"] == FEDERATION_STATE_FORMAT and isinstance(doc["sites"], dict)
+        for head in doc["sites"].values():
+            assert isinstance(head["head"], str) and isinstance(head["records"], int)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ValueError(f"federation state {path} is not a valid {FEDERATION_STATE_FORMAT} file "
+                         f"({type(e).__name__}: {e})") from None
+    return doc["sites"]
+
+
 def build_histories(records: list[dict[str, Any]], store: MembershipStore,
                     ) -> tuple[RecordHistories, list[list[int]]]:
     """Replay every dp-sgd line: the record histories after the whole ledger, and for each line the

@@ -27,7 +27,6 @@ accountant fails). One broken ledger is an error for its site only; the others a
 
 from __future__ import annotations
 
-import json
 import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from typing import Any, Iterable, Sequence
 
 from .accounting import ACCOUNTANTS
 from .individual import max_signature_epsilon
-from .ledger import LedgerError, PrivacyLedger, build_histories
+from .ledger import LedgerError, PrivacyLedger, build_histories, load_federation_state
 
 DEFAULT_ACCOUNTANTS = ("prv", "rdp", "pld")
 TIGHT = ("prv", "pld")
@@ -176,10 +175,11 @@ def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[s
     """A failure for every witnessed (site, head, line count) that no audited ledger holds."""
     path = Path(federation_state)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        witnessed = doc["sites"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [Finding("error", "malformed-ledger", "(federation)", f"federation state {path} unreadable: {e}")]
+        if not path.is_file():
+            raise ValueError(f"federation state {path} not found")
+        witnessed = load_federation_state(path)
+    except ValueError as e:
+        return [Finding("error", "malformed-ledger", "(federation)", str(e))]
     findings = []
     for site, w in sorted(witnessed.items()):
         count, head = int(w["records"]), str(w["head"])
