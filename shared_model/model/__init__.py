@@ -6,7 +6,7 @@ Names resolve lazily (shared_model/lazy.py): importing the wing imports no heavy
 from shared_model.lazy import lazy_exports
 
 _MODULES = {  # submodule: its public names
-    'captioner': ('Captioner', 'caption_loss'),
+    'captioner': ('CaptionLoss', 'Captioner', 'caption_loss'),
     'checkpoint': ('checkpoint_sha256', 'load_checkpoint', 'model_state', 'save_checkpoint'),
     'config': ('DECODERS', 'ENCODERS', 'FUSIONS', 'RUN_CONFIG_KEYS', 'CaptionerConfig',
                'captioner_config_from_run_config'),
@@ -15,7 +15,7 @@ _MODULES = {  # submodule: its public names
     'layers': ('LSTM', 'MultiHeadAttention', 'TransformerDecoderLayer', 'sinusoidal_positions',
                'sinusoidal_positions_2d'),
     'trainable': ('TRAINABLE', 'check_trainable', 'parameter_group', 'set_trainable'),
-    'training': ('pad_batch', 'train_epoch'),
+    'training': ('is_ghost', 'noise_only_step', 'pad_batch', 'train_epoch', 'training_loss'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)

@@ -44,6 +44,18 @@ def caption_loss(logits: Tensor, targets: Tensor, *, pad_id: int = Vocabulary.pa
     return per_caption.sum() / max(per_caption.shape[0], 1)
 
 
+class CaptionLoss:
+    """`caption_loss` as a criterion object (logits, targets) -> loss with a settable `reduction`
+    ("mean" or "none"), the interface Opacus's ghost-clipping loss wrapper drives: it switches
+    `reduction` to "none" to get one loss per caption, then does its two backward passes."""
+
+    def __init__(self, *, pad_id: int = Vocabulary.pad_id, reduction: str = "mean") -> None:
+        self.pad_id, self.reduction = pad_id, reduction
+
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return caption_loss(logits, targets, pad_id=self.pad_id, reduction=self.reduction)
+
+
 class Captioner(nn.Module):
     def __init__(self, config: CaptionerConfig) -> None:
         super().__init__()
@@ -135,7 +147,8 @@ class Captioner(nn.Module):
     def forward(self, images: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing. captions: [B, T] = <start> w1 .. wn <end> <pad>..; returns
         (logits [B, T-1, V], per-caption mean loss averaged over the batch)."""
-        logits, _ = self.step(captions[:, :-1], self.start(images))
+        # contiguous: Opacus's ghost-clipping norm sampler for the embedding calls .view on its input
+        logits, _ = self.step(captions[:, :-1].contiguous(), self.start(images))
         return logits, caption_loss(logits, captions[:, 1:])
 
     # ---- generation ---------------------------------------------------------------------------

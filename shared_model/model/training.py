@@ -1,9 +1,12 @@
-"""One local training epoch, private or not; no Flower, no accounting (Opacus hooks do that)."""
+"""One local training epoch, private or not; no Flower, no accounting (Opacus hooks do that).
+
+The loss goes through `training_loss`: the per-caption mean loss, or under Opacus's ghost clipping
+(grad-sample-mode "ghost") the same loss wrapped by Opacus so that `backward()` clips per caption."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,6 +31,42 @@ def pad_batch(images: torch.Tensor, captions: torch.Tensor, size: int, pad_id: i
     return images, captions
 
 
+def is_ghost(optimizer: Optimizer) -> bool:
+    """True for Opacus's ghost / fast-gradient-clipping optimizer (make_private(grad_sample_mode="ghost"))."""
+    if not hasattr(optimizer, "noise_multiplier"):
+        return False
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    return isinstance(optimizer, DPOptimizerFastGradientClipping)
+
+
+def training_loss(model: nn.Module, optimizer: Optimizer) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """The loss (logits [B, T, V], targets [B, T]) -> loss to call `.backward()` on.
+
+    Hooks mode and non-private training: `caption_loss`, the batch mean of per-caption means.
+    Ghost mode: Opacus's DPLossFastGradientClipping around `CaptionLoss`; it takes one loss per
+    caption (the mean over that caption's own tokens, as in hooks mode, so clipping sees the same
+    per-example gradient) and its `backward()` runs the two passes: norms from the batch mean,
+    then the gradient of sum_i min(1, max_grad_norm / norm_i) * loss_i, i.e. the clipped sum. A plain
+    `loss.backward()` under ghost would leave the unclipped mean gradient for the optimizer to noise."""
+    from .captioner import CaptionLoss
+
+    if not is_ghost(optimizer):
+        return CaptionLoss()
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    return DPLossFastGradientClipping(model, optimizer, CaptionLoss(), loss_reduction="mean")
+
+
+def noise_only_step(optimizer: Optimizer) -> None:
+    """The DP step of an empty Poisson batch under ghost clipping (Opacus's ghost module cannot run
+    a batch of 0 rows): a zero clipped sum, so the optimizer adds only noise, and the accountant
+    counts the step as in hooks mode."""
+    for p in optimizer.params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+
+
 def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader, *, device: torch.device | str,
                 max_physical_batch_size: int | None = None, log: Callable[[str], None] | None = None,
                 log_every: int = 0, after_step: Callable[[], None] | None = None,
@@ -42,6 +81,8 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
         raise ValueError("fixed_batch_shapes needs max_physical_batch_size (the fixed size)")
     model.train()
     is_private = hasattr(optimizer, "noise_multiplier")
+    ghost = is_ghost(optimizer)
+    criterion = training_loss(model, optimizer)
     if is_private and max_physical_batch_size:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -57,13 +98,17 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
             if fixed_batch_shapes:
                 images, captions = pad_batch(images, captions, max_physical_batch_size)
             optimizer.zero_grad(set_to_none=True)
-            _, loss = model(images, captions)
-            if fixed_batch_shapes and n:
-                loss_report = loss.detach() * images.shape[0] / n  # the mean over real rows
+            if ghost and images.shape[0] == 0:
+                noise_only_step(optimizer)
+                loss_report = torch.zeros(())
             else:
+                logits, _ = model(images, captions)
+                loss = criterion(logits, captions[:, 1:])
                 loss_report = loss.detach()
-            loss.backward()
-            optimizer.step()
+                if fixed_batch_shapes and n:
+                    loss_report = loss_report * images.shape[0] / n  # the mean over real rows
+                loss.backward()
+                optimizer.step()
             skipped = is_private and getattr(optimizer, "_is_last_step_skipped", False)
             if not skipped:
                 steps += 1
@@ -72,5 +117,5 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
             total += float(loss_report) * n
             examples += n
             if log and log_every and (i + 1) % log_every == 0:
-                log(f"  batch {i + 1}: loss {float(loss):.3f}")
+                log(f"  batch {i + 1}: loss {float(loss_report):.3f}")
     return {"loss": total / max(examples, 1), "examples": examples, "steps": steps}

@@ -11,6 +11,17 @@ default: tight, and agrees with dp_accounting's PLD; "rdp" is looser but conserv
 
 The model's loss must be a per-example mean (see `model.caption_loss`); Opacus's
 `loss_reduction="mean"` then recovers each example's own gradient before clipping.
+
+Two ways to get the per-example norms (`grad_sample_mode`), one mechanism and one accounting:
+  hooks  Opacus's GradSampleModule materialises every per-example gradient, clips and sums them
+         in the optimizer. Works for every decoder; the default.
+  ghost  Opacus's ghost / fast gradient clipping: per-example norms from activations and
+         backprops without materialising per-example gradients, then a second backward of
+         sum_i c_i * loss_i (c_i = min(1, max_grad_norm / norm_i)) yields the clipped sum. The
+         loss must go through Opacus's DPLossFastGradientClipping wrapper with one loss per caption
+         (`model.training.training_loss` does that). Refused for the LSTM decoder, whose recurrent
+         Linear runs at every time step (Opacus: "Parameter tying is not supported").
+With noise 0 both give the same clipped, summed gradient (tests/test_ghost.py).
 """
 
 from __future__ import annotations
@@ -26,6 +37,24 @@ from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
 
 # torch warns on every backward through Opacus's hooks when the images need no gradient: benign.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+GHOST_DECODERS = ("transformer",)  # the LSTM decoder applies one Linear per time step: ghost refuses it
+
+
+def check_grad_sample_mode(mode: str, *, decoder: str | None = None) -> str:
+    """`mode` if it is a grad-sample mode that can train `decoder` (None: any decoder); else
+    TypeError/ValueError naming the value."""
+    if not isinstance(mode, str):
+        raise TypeError(f"grad-sample-mode must be a str, got {type(mode).__name__}")
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+    if mode == "ghost" and decoder is not None and decoder not in GHOST_DECODERS:
+        raise ValueError(f"grad-sample-mode 'ghost' cannot train the {decoder!r} decoder: its recurrent Linear "
+                         f"runs at every time step, which Opacus's ghost clipping refuses (\"Parameter tying is "
+                         f"not supported\"); use grad-sample-mode 'hooks' or decoder {GHOST_DECODERS[0]!r}, "
+                         f"got decoder {decoder!r}")
+    return mode
 
 
 def check_dp_args(*, max_grad_norm: float, target_delta: float, noise_multiplier: float | None = None,
@@ -76,9 +105,14 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
 
 
 def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, noise_multiplier: float,
-                 max_grad_norm: float, accountant: str = "prv", secure_mode: bool = False):
-    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling (hooks grad-sample mode).
+                 max_grad_norm: float, accountant: str = "prv", secure_mode: bool = False,
+                 grad_sample_mode: str = "hooks"):
+    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling.
 
+    `grad_sample_mode` "hooks" (per-example gradients) or "ghost" (ghost clipping; the module must
+    not be a Captioner with an LSTM decoder, refused here before Opacus sees it). Under ghost the
+    optimizer is Opacus's DPOptimizerFastGradientClipping and the loss must go through
+    `model.training.training_loss(module, optimizer)`, which `train_epoch` does by itself.
     Returns (privacy_engine, module, optimizer, data_loader); `privacy_engine.accountant` records
     every optimizer step, including the noise-only steps of empty Poisson batches.
     """
@@ -86,13 +120,21 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
 
     check_dp_args(max_grad_norm=max_grad_norm, target_delta=0.5, noise_multiplier=noise_multiplier,
                   accountant=accountant)
+    config = getattr(unwrap(module), "config", None)
+    check_grad_sample_mode(grad_sample_mode, decoder=getattr(config, "decoder", None))
+    extra = {}
+    if grad_sample_mode == "ghost":
+        from shared_model.model.captioner import CaptionLoss
+
+        extra["criterion"] = CaptionLoss()  # Opacus wraps it again; training_loss builds the same wrapper
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
-        module, optimizer, data_loader = engine.make_private(
+        wrapped = engine.make_private(
             module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+            max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode, **extra,
         )
+    module, optimizer, data_loader = wrapped[0], wrapped[1], wrapped[-1]
     return engine, module, optimizer, data_loader
 
 
@@ -114,11 +156,11 @@ def plan_dp_sgd(*, num_records: int, batch_size: int, epochs: int, target_delta:
 
 
 def private_training(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, event: DPSGDEvent,
-                     max_grad_norm: float, accountant: str = "prv"):
+                     max_grad_norm: float, accountant: str = "prv", grad_sample_mode: str = "hooks"):
     """`make_private` for a planned `event`; refuses a loader whose Poisson rate is not the event's."""
     engine, module, optimizer, data_loader = make_private(
         module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=event.noise_multiplier,
-        max_grad_norm=max_grad_norm, accountant=accountant)
+        max_grad_norm=max_grad_norm, accountant=accountant, grad_sample_mode=grad_sample_mode)
     if abs(data_loader.sample_rate - event.sample_rate) > 1e-12:
         raise RuntimeError(f"Opacus sample_rate {data_loader.sample_rate} != planned {event.sample_rate}")
     return engine, module, optimizer, data_loader
