@@ -121,4 +121,5 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
                          lr=float(run_config["lr"]),
                          max_physical_batch_size=int(run_config["max-physical-batch-size"]),
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
-                         fixed_batch_shapes=shape == "fixed", trainable=str(run_config.get("trainable", "all")))
+                         fixed_batch_shapes=shape == "fixed", trainable=str(run_config.get("trainable", "all")),
+                         grad_sample_mode=str(run_config.get("grad-sample-mode", "hooks")))

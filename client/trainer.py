@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
 from shared_model.model import Captioner, check_trainable, set_trainable, train_epoch
-from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, RunRequest, SiteBudget, check_witness,
-                                  plan_round, private_training, unwrap)
+from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, RunRequest, SiteBudget, check_grad_sample_mode,
+                                  check_witness, plan_round, private_training, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class LocalTraining:
     proximal_mu: float = 0.0  # FedProx: after each step, w -= lr * mu * (w - w_global)
     fixed_batch_shapes: bool = False  # DP: pad every physical batch to max_physical_batch_size (GPU)
     trainable: str = "all"  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
+    grad_sample_mode: str = "hooks"  # DP: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
@@ -48,6 +49,7 @@ class LocalTraining:
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         check_trainable(self.trainable)
+        check_grad_sample_mode(self.grad_sample_mode)
 
 
 def unique_records(data: CaptionSet) -> tuple[list[str], list[int]]:
@@ -116,7 +118,8 @@ def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: Loca
     if event is not None:
         _, wrapped, optimizer, loader = private_training(module=model, optimizer=optimizer, data_loader=loader,
                                                          event=event, max_grad_norm=budget.max_grad_norm,
-                                                         accountant=budget.accountant)
+                                                         accountant=budget.accountant,
+                                                         grad_sample_mode=training.grad_sample_mode)
 
     def proximal_pull() -> None:  # FedProx's proximal gradient, data-independent: no privacy cost
         with torch.no_grad():

@@ -25,14 +25,26 @@ def test_non_private_run_learns_and_writes_its_outputs(tmp_path):
     assert meta["kind"] == "centralized" and model.config.d_model == 32
 
 
-def test_private_run_reports_epsilon_within_target(tmp_path):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_private_run_reports_epsilon_within_target(tmp_path, mode):
     cfg = CentralizedConfig(train_size=300, test_size=20, epochs=2, batch_size=50, beam_size=1, meteor=False,
-                            dp=True, target_epsilon=4.0, target_delta=1e-4, max_physical_batch_size=16, model=TINY)
+                            dp=True, target_epsilon=4.0, target_delta=1e-4, max_physical_batch_size=16, model=TINY,
+                            grad_sample_mode=mode)
     lines = []
     result = run_centralized(cfg, tmp_path, log=lines.append)
+    assert any(f"grad-sample-mode {mode}" in line for line in lines)
     assert 0.5 * 4.0 < result["epsilon"] <= 4.0 * 1.01
     assert [h["epsilon"] for h in result["history"]] == sorted(h["epsilon"] for h in result["history"])
     assert result["noise_multiplier"] > 0
     assert any("epsilon" in line for line in lines)
     _, _, meta = load_checkpoint(tmp_path / "checkpoint")
     assert meta["epsilon"] == pytest.approx(result["epsilon"])
+
+
+def test_fedcap_train_refuses_ghost_for_the_lstm_decoder_before_loading_data(tmp_path, capsys):
+    from shared_model.runners.cli import main
+
+    assert main(["train", "--dp", "--grad-sample-mode", "ghost", "--decoder", "lstm",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "grad-sample-mode 'ghost' cannot train the 'lstm' decoder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -25,6 +25,7 @@ BAD_RUN_CONFIG = [
     ("num-server-rounds", 2.5, "num-server-rounds must be an integer >= 1, got 2.5"),
     ("round-timeout", float("inf"), "round-timeout must be a number > 0, got inf"),
     ("datasett", "embedded", "unknown run-config key 'datasett'"),
+    ("grad-sample-mode", "functorch", "grad-sample-mode must be one of 'hooks', 'ghost', got 'functorch'"),
 ]
 
 
@@ -61,6 +62,10 @@ def test_cross_key_checks_name_both_keys():
         validate_run_config({"model-d-model": 32, "model-num-heads": 3})
     with pytest.raises(ValueError, match="init-from and resume-from"):
         validate_run_config({"init-from": "a", "resume-from": "b"})
+    with pytest.raises(ValueError, match="grad-sample-mode 'ghost' cannot train the 'lstm' decoder"):
+        validate_run_config({**default_run_config(), "grad-sample-mode": "ghost", "model-decoder": "lstm"})
+    assert validate_run_config({"grad-sample-mode": "ghost", "model-decoder": "transformer"})
+    assert validate_run_config({"grad-sample-mode": "hooks", "model-decoder": "lstm"})
 
 
 def test_node_config_schema():

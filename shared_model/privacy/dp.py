@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import math
 import warnings
-
-from torch import nn
-from torch.optim import Optimizer
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING
 
 from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
+
+if TYPE_CHECKING:  # torch only for annotations: run_settings imports this module's checks without torch
+    from torch import nn
+    from torch.optim import Optimizer
+    from torch.utils.data import DataLoader
 
 # torch warns on every backward through Opacus's hooks when the images need no gradient: benign.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")

@@ -47,6 +47,7 @@ class CentralizedConfig:
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     max_physical_batch_size: int = 128
+    grad_sample_mode: str = "hooks"  # private: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
     beam_size: int = 3
     meteor: bool = True
     device: str = "auto"
@@ -67,6 +68,9 @@ class CentralizedConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        from shared_model.privacy.dp import check_grad_sample_mode
+
+        check_grad_sample_mode(self.grad_sample_mode, decoder=self.model.get("decoder", CaptionerConfig.decoder))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -108,9 +112,10 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
         noise_multiplier = event.noise_multiplier
         engine, model, optimizer, loader = private_training(
             module=model, optimizer=optimizer, data_loader=loader, event=event, max_grad_norm=cfg.max_grad_norm,
-            accountant=cfg.accountant)
+            accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode)
         log(f"DP-SGD: sample_rate {event.sample_rate:.4f}, ~{event.steps} steps, noise_multiplier "
-            f"{noise_multiplier:.3f}, max_grad_norm {cfg.max_grad_norm}, accountant {cfg.accountant}")
+            f"{noise_multiplier:.3f}, max_grad_norm {cfg.max_grad_norm}, accountant {cfg.accountant}, "
+            f"grad-sample-mode {cfg.grad_sample_mode}")
     history = []
     schedule = _schedule(optimizer, cfg, total_steps=cfg.epochs * len(loader))
     for epoch in range(1, cfg.epochs + 1):

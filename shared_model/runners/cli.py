@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = CentralizedConfig(**_common(args), dp=args.dp, target_epsilon=args.target_epsilon,
                             noise_multiplier=args.noise_multiplier, target_delta=args.target_delta,
-                            max_grad_norm=args.max_grad_norm)
+                            max_grad_norm=args.max_grad_norm, grad_sample_mode=args.grad_sample_mode)
     out = args.out or Path("runs") / time.strftime(f"centralized-{'dp' if args.dp else 'nodp'}-%Y%m%d-%H%M%S")
     run_centralized(cfg, out)
     return 0
@@ -145,6 +145,8 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shared_model.privacy.dp import GRAD_SAMPLE_MODES
+
     from .centralized import CentralizedConfig
     from .pretrain import NO_BUDGET, pretrain_config
     from .vocab_cmd import add_vocab_parser
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="instead of --target-epsilon")
     t.add_argument("--target-delta", type=float, default=d.target_delta)
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    t.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=d.grad_sample_mode,
+                   help="with --dp: per-example clipping by Opacus hooks (any decoder) or ghost clipping "
+                        "(transformer decoder only; docs/privacy.md)")
     _training_options(t, d)
     t.set_defaults(func=_train)
 
