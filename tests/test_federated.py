@@ -86,6 +86,17 @@ def test_private_simulation_writes_each_site_ledger(tmp_path, flwr_home, sites2)
     assert state["sites"] == {}
 
 
+def test_a_private_simulation_with_ghost_clipping_completes(tmp_path, flwr_home, sites2):
+    result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
+                            overrides=overrides(num_server_rounds=1, grad_sample_mode="ghost",
+                                                physical_batch_shape="variable"))
+    run_dir = result["run_dir"]
+    for site in ("site-0", "site-1"):
+        assert [r["server_round"] for r in dp_lines(run_dir / "sites" / site / "ledger.jsonl")] == [1]
+    assert "ended: completed" in (run_dir / "summary.md").read_text()
+    assert json.loads((run_dir / "run_config.json").read_text())["grad-sample-mode"] == "ghost"
+
+
 def test_ledgers_continue_across_runs_and_the_server_witnesses_them(tmp_path, flwr_home, sites2):
     state = tmp_path / "site-state"
     common = dict(num_server_rounds=2, site_state_dir=str(state), noise_multiplier=1.0, run_epsilon=100.0)

@@ -164,3 +164,29 @@ def test_ghost_refuses_the_lstm_decoder_up_front():
 def test_bad_grad_sample_mode_names_the_value(bad, error):
     with pytest.raises(error, match="grad-sample-mode must be"):
         check_grad_sample_mode(bad)
+
+
+@pytest.mark.parametrize("trainable", ["all", "decoder"])
+def test_a_site_round_trains_with_ghost_clipping_from_the_run_config(tmp_path, trainable):
+    from client.settings import local_training
+    from client.trainer import train_round
+    from shared_model.data import load_embedded, synthetic_vocabulary
+    from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
+
+    training = local_training({"local-epochs": 1, "batch-size": 16, "lr": 1e-3, "max-physical-batch-size": 12,
+                               "physical-batch-shape": "fixed", "trainable": trainable,
+                               "grad-sample-mode": "ghost"}, {})
+    assert training.grad_sample_mode == "ghost" and training.fixed_batch_shapes
+    vocab = synthetic_vocabulary()
+    model = Captioner(tiny_config(vocab_size=len(vocab), max_len=20))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    reply = train_round(model=model, data=load_embedded("train", 48, seed=0, image_size=32), vocab=vocab,
+                        training=training, budget=SiteBudget(target_epsilon=3.0, target_delta=1e-3, accountant="rdp"),
+                        ledger=ledger, request=RunRequest(run_id="r1", run_epsilon=2.0, num_rounds=1, local_epochs=1,
+                                                          batch_size=16), server_round=1)
+    assert 0 < reply["epsilon"] <= 2.0 and reply["steps"] == 3 and reply["train-loss"] > 0
+    assert [r["kind"] for r in ledger.records()] == ["grant", "dp-sgd"]
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert moved == {n for n, _ in model.named_parameters() if trainable == "all" or parameter_group(n) == "decoder"}
+    assert not any(n.startswith("_module.") for n in model.state_dict())
