@@ -1,16 +1,24 @@
-"""Cost of a DP-SGD step against a plain step, per decoder and per batch-shape mode, with memory.
+"""Cost of a DP-SGD step against a plain step, per decoder, batch-shape mode and grad-sample mode, with memory.
 
-    python benchmarks/dp_step.py [--batch-size 64] [--steps 10] [--device cpu|cuda] [--json FILE]
+    python benchmarks/dp_step.py [--batch-size 64] [--steps 10] [--device cpu|cuda]
+                                 [--grad-sample-mode hooks,ghost] [--decoders transformer,lstm]
+                                 [--per-layer] [--json FILE]
 
 For each decoder (transformer, lstm) it times the median step (after warm-up) of
   plain    non-private AdamW on fixed batches;
-  poisson  DP-SGD as the site trainer runs it: Opacus hooks mode, Poisson-sampled batches (a new
-           shape every step);
+  poisson  DP-SGD as the site trainer runs it: Poisson-sampled batches (a new shape every step);
   fixed    the same Poisson sampling, every physical batch padded to one shape (masked rows,
            `shared_model.model.pad_batch`; max physical batch = 1.25 x the expected batch);
-and prints time and memory ratios against plain. Memory: torch's peak allocation on a GPU; on the
-CPU, the peak resident memory a fresh subprocess gains during its steps. Goals (issue 11): time
-ratio <= 1.6x on this CPU and <= 2x on a GPU; memory ratio <= 2x.
+each DP row once per grad-sample mode (hooks: Opacus's per-sample gradients; ghost: Opacus's ghost
+clipping, refused for the LSTM decoder, printed as such with the reason), and prints time and
+memory ratios against plain. Every step is `shared_model.model.train_epoch` on one batch, the loop
+the sites run. Memory: torch's peak allocation on a GPU; on the CPU, the peak resident memory a
+fresh subprocess gains during its steps. Goals (issue 11): time ratio <= 1.6x on this CPU and <= 2x
+on a GPU; memory ratio <= 2x.
+
+`--per-layer` adds, for every row, a table of where a step's time goes per module type (forward,
+backward, Opacus's per-sample gradient or norm work; benchmarks/layer_timing.py), measured on a few
+extra instrumented steps after the timed ones, so a missed goal says which layers dominate.
 """
 
 from __future__ import annotations
@@ -21,18 +29,26 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's shared_model, not an installed one
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
 MODES = ("plain", "poisson", "fixed")
+LAYER_STEPS = 3  # instrumented steps for --per-layer
 
 
-def run_mode(mode: str, decoder: str, *, batch_size: int, steps: int, device_name: str) -> dict:
+def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int, steps: int, device_name: str,
+             per_layer: bool = False) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from shared_model.model import Captioner, CaptionerConfig, pad_batch
+    from shared_model.model import Captioner, CaptionerConfig, pad_batch, train_epoch
     from shared_model.privacy import make_private
 
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device(device_name)
     n = batch_size * (steps + 3)
     g = torch.Generator().manual_seed(0)
@@ -46,27 +62,38 @@ def run_mode(mode: str, decoder: str, *, batch_size: int, steps: int, device_nam
     physical = int(batch_size * 1.25)
     if mode != "plain":
         _, model, optimizer, loader = make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=1.0, max_grad_norm=1.0)
+                                                   noise_multiplier=1.0, max_grad_norm=1.0,
+                                                   grad_sample_mode=grad_sample_mode)
+
+    def batches():
+        for x, y in loader:
+            if mode == "fixed":
+                x, y = x[:physical], y[:physical]  # a Poisson batch above the size is split in training
+                x, y = pad_batch(x, y, physical)
+            yield x.to(device), y.to(device)
+
+    def step(x, y) -> float:
+        t = time.perf_counter()
+        train_epoch(model, optimizer, [(x, y)], device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     rss_before = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for k, (x, y) in enumerate(loader):
-        if mode == "fixed":
-            x, y = x[:physical], y[:physical]  # a Poisson batch above the size is split in training
-            x, y = pad_batch(x, y, physical)
-        x, y = x.to(device), y.to(device)
-        t = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model(x, y)[1].backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if k >= 3:
-            times.append(time.perf_counter() - t)
+    times = [step(x, y) for x, y in batches()][3:]
     memory = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
               else max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before))
-    return {"seconds": sorted(times)[len(times) // 2], "memory_mb": memory}
+    result = {"seconds": sorted(times)[len(times) // 2], "memory_mb": memory}
+    if per_layer:
+        from layer_timing import LayerTimer
+
+        timer = LayerTimer(model, optimizer)
+        with timer:
+            instrumented = [step(x, y) for _, (x, y) in zip(range(LAYER_STEPS), batches())]
+        result["per_layer"] = timer.table(len(instrumented), sum(instrumented) / len(instrumented))
+    return result
 
 
 def _rss_mb() -> float:
@@ -74,41 +101,70 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _subprocess(mode: str, decoder: str, grad_sample_mode: str, args) -> dict:
+    """One mode in a fresh process: peak memory and warm caches of that mode only."""
+    cmd = [sys.executable, __file__, "--one", mode, decoder, "--grad-sample-mode", grad_sample_mode,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device]
+    out = subprocess.run(cmd + (["--per-layer"] if args.per_layer else []), capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{mode}/{grad_sample_mode}/{decoder} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from shared_model.privacy.dp import GRAD_SAMPLE_MODES, check_grad_sample_mode
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--grad-sample-mode", default=",".join(GRAD_SAMPLE_MODES),
+                        help="comma-separated DP modes to compare (default %(default)s)")
+    parser.add_argument("--decoders", default="transformer,lstm")
+    parser.add_argument("--per-layer", action="store_true", help="time forward/backward/per-sample work per "
+                                                                 "module type")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "DECODER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    gsms = [check_grad_sample_mode(m.strip()) for m in args.grad_sample_mode.split(",") if m.strip()]
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.one:
-        print(json.dumps(run_mode(args.one[0], args.one[1], batch_size=args.batch_size, steps=args.steps,
-                                  device_name=args.device)))
+        print(json.dumps(run_mode(args.one[0], args.one[1], grad_sample_mode=gsms[0], batch_size=args.batch_size,
+                                  steps=args.steps, device_name=args.device, per_layer=args.per_layer)))
         return 0
+    from layer_timing import format_table
+
     rows = []
-    for decoder in ("transformer", "lstm"):
-        result = {}
-        for mode in MODES:  # a fresh process each: peak memory and warm caches of one mode only
-            out = subprocess.run([sys.executable, __file__, "--one", mode, decoder, "--batch-size",
-                                  str(args.batch_size), "--steps", str(args.steps), "--device", args.device],
-                                 capture_output=True, text=True, check=True)
-            result[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        plain = result["plain"]
-        for mode in ("poisson", "fixed"):
-            r = result[mode]
-            row = {"decoder": decoder, "mode": mode, "batch_size": args.batch_size, "device": args.device,
-                   "plain_s": plain["seconds"], "dp_s": r["seconds"], "time_ratio": r["seconds"] / plain["seconds"],
-                   "plain_memory_mb": plain["memory_mb"], "dp_memory_mb": r["memory_mb"],
-                   "memory_ratio": r["memory_mb"] / max(plain["memory_mb"], 1e-9)}
-            rows.append(row)
-            print(f"{decoder:12} {mode:8} batch {args.batch_size} on {args.device}: plain {plain['seconds']:.3f} s/step, "
-                  f"DP {r['seconds']:.3f} s/step, time ratio {row['time_ratio']:.2f}x, memory ratio "
-                  f"{row['memory_ratio']:.2f}x ({r['memory_mb']:.0f} / {plain['memory_mb']:.0f} MB)", flush=True)
+    for decoder in [d.strip() for d in args.decoders.split(",") if d.strip()]:
+        plain = _subprocess("plain", decoder, "hooks", args)
+        if args.per_layer:
+            print(format_table(f"{decoder} plain", plain["per_layer"]), flush=True)
+        for gsm in gsms:
+            try:
+                check_grad_sample_mode(gsm, decoder=decoder)
+            except ValueError as refused:
+                rows.append({"decoder": decoder, "mode": "-", "grad_sample_mode": gsm, "batch_size": args.batch_size,
+                             "device": args.device, "refused": str(refused)})
+                print(f"{decoder:12} {gsm:6} refused: {refused}", flush=True)
+                continue
+            for mode in ("poisson", "fixed"):
+                r = _subprocess(mode, decoder, gsm, args)
+                row = {"decoder": decoder, "mode": mode, "grad_sample_mode": gsm, "batch_size": args.batch_size,
+                       "device": args.device, "plain_s": plain["seconds"], "dp_s": r["seconds"],
+                       "time_ratio": r["seconds"] / plain["seconds"], "plain_memory_mb": plain["memory_mb"],
+                       "dp_memory_mb": r["memory_mb"], "memory_ratio": r["memory_mb"] / max(plain["memory_mb"], 1e-9)}
+                if args.per_layer:
+                    row["per_layer"], row["plain_per_layer"] = r["per_layer"], plain["per_layer"]
+                rows.append(row)
+                print(f"{decoder:12} {gsm:6} {mode:8} batch {args.batch_size} on {args.device}: plain "
+                      f"{plain['seconds']:.3f} s/step, DP {r['seconds']:.3f} s/step, time ratio "
+                      f"{row['time_ratio']:.2f}x, memory ratio {row['memory_ratio']:.2f}x "
+                      f"({r['memory_mb']:.0f} / {plain['memory_mb']:.0f} MB)", flush=True)
+                if args.per_layer:
+                    print(format_table(f"{decoder} {gsm} {mode}", r["per_layer"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

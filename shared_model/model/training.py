@@ -82,7 +82,7 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
     model.train()
     is_private = hasattr(optimizer, "noise_multiplier")
     ghost = is_ghost(optimizer)
-    criterion = training_loss(model, optimizer)
+    criterion = training_loss(model, optimizer) if ghost else None
     if is_private and max_physical_batch_size:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -102,8 +102,9 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
                 noise_only_step(optimizer)
                 loss_report = torch.zeros(())
             else:
-                logits, _ = model(images, captions)
-                loss = criterion(logits, captions[:, 1:])
+                logits, loss = model(images, captions)
+                if ghost:  # the same per-caption loss, one value per caption, through Opacus's wrapper
+                    loss = criterion(logits, captions[:, 1:])
                 loss_report = loss.detach()
                 if fixed_batch_shapes and n:
                     loss_report = loss_report * images.shape[0] / n  # the mean over real rows
