@@ -5,7 +5,8 @@
         ... training steps ...
     timer.table(steps)                     # rows of ms per step, largest first
 
-Per module type (over leaf modules that own parameters: Linear, Embedding, LayerNorm, Conv2d, ...):
+Per module type (over leaf modules: Linear, Embedding, LayerNorm, Conv2d, GroupNorm, SiLU, ...; the
+attention itself is functional (F.scaled_dot_product_attention) and counts in "rest"):
   forward     the module's own forward (between its forward pre-hook and forward hook; under Opacus it
               includes the activation capture)
   backward    from its full backward pre-hook to its full backward hook: the gradients of its inputs
@@ -58,7 +59,7 @@ class LayerTimer:
 
     def __enter__(self) -> "LayerTimer":
         for module in self.model.modules():
-            if list(module.children()) or not any(True for _ in module.parameters(recurse=False)):
+            if list(module.children()) or isinstance(module, nn.Dropout):
                 continue
             self.counts[type(module).__name__] += 1
             self._handles += [
