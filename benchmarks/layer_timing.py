@@ -118,9 +118,9 @@ class LayerTimer:
 
 def format_table(title: str, report: dict[str, Any]) -> str:
     lines = [f"  per layer, {title} (ms per step; backward includes Opacus's per-sample hook):",
-             f"    {'module type':14} {'count':>5} {'forward':>9} {'backward':>9} {'per-sample':>11}"]
+             f"    {'module type':16} {'count':>5} {'forward':>9} {'backward':>9} {'per-sample':>11}"]
     for r in report["layers"]:
-        lines.append(f"    {r['type']:14} {r['count']:>5} {r['forward_ms']:>9.1f} {r['backward_ms']:>9.1f} "
+        lines.append(f"    {r['type']:16} {r['count']:>5} {r['forward_ms']:>9.1f} {r['backward_ms']:>9.1f} "
                      f"{r['per_sample_ms']:>11.1f}")
     lines.append("    " + ", ".join(f"{k} {v:.1f}" for k, v in report["phases"].items()))
     return "\n".join(lines)
