@@ -2,7 +2,7 @@
 
     python benchmarks/dp_step.py [--batch-size 64] [--steps 10] [--device cpu|cuda]
                                  [--grad-sample-mode hooks,ghost] [--decoders transformer,lstm]
-                                 [--per-layer] [--json FILE]
+                                 [--per-layer] [--threads N] [--json FILE]
 
 For each decoder (transformer, lstm) it times the median step (after warm-up) of
   plain    non-private AdamW on fixed batches;
@@ -41,8 +41,11 @@ LAYER_STEPS = 3  # instrumented steps for --per-layer
 
 
 def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int, steps: int, device_name: str,
-             per_layer: bool = False) -> dict:
+             per_layer: bool = False, threads: int | None = None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from torch.utils.data import DataLoader, TensorDataset
 
     from shared_model.model import Captioner, CaptionerConfig, pad_batch, train_epoch
@@ -104,7 +107,8 @@ def _rss_mb() -> float:
 def _subprocess(mode: str, decoder: str, grad_sample_mode: str, args) -> dict:
     """One mode in a fresh process: peak memory and warm caches of that mode only."""
     cmd = [sys.executable, __file__, "--one", mode, decoder, "--grad-sample-mode", grad_sample_mode,
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device]
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
+           "--threads", str(args.threads or 0)]
     out = subprocess.run(cmd + (["--per-layer"] if args.per_layer else []), capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{mode}/{grad_sample_mode}/{decoder} failed:\n{out.stderr[-2000:]}")
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoders", default="transformer,lstm")
     parser.add_argument("--per-layer", action="store_true", help="time forward/backward/per-sample work per "
                                                                  "module type")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "DECODER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.one:
         print(json.dumps(run_mode(args.one[0], args.one[1], grad_sample_mode=gsms[0], batch_size=args.batch_size,
-                                  steps=args.steps, device_name=args.device, per_layer=args.per_layer)))
+                                  steps=args.steps, device_name=args.device, per_layer=args.per_layer,
+                                  threads=args.threads)))
         return 0
     from layer_timing import format_table
 
@@ -147,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                 check_grad_sample_mode(gsm, decoder=decoder)
             except ValueError as refused:
                 rows.append({"decoder": decoder, "mode": "-", "grad_sample_mode": gsm, "batch_size": args.batch_size,
-                             "device": args.device, "refused": str(refused)})
+                             "device": args.device, "threads": args.threads, "refused": str(refused)})
                 print(f"{decoder:12} {gsm:6} refused: {refused}", flush=True)
                 continue
             for mode in ("poisson", "fixed"):
                 r = _subprocess(mode, decoder, gsm, args)
                 row = {"decoder": decoder, "mode": mode, "grad_sample_mode": gsm, "batch_size": args.batch_size,
-                       "device": args.device, "plain_s": plain["seconds"], "dp_s": r["seconds"],
+                       "device": args.device, "threads": args.threads, "plain_s": plain["seconds"],
+                       "dp_s": r["seconds"],
                        "time_ratio": r["seconds"] / plain["seconds"], "plain_memory_mb": plain["memory_mb"],
                        "dp_memory_mb": r["memory_mb"], "memory_ratio": r["memory_mb"] / max(plain["memory_mb"], 1e-9)}
                 if args.per_layer:
