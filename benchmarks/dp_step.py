@@ -13,7 +13,8 @@ each DP row once per grad-sample mode (hooks: Opacus's per-sample gradients; gho
 clipping, refused for the LSTM decoder, printed as such with the reason), and prints time and
 memory ratios against plain. Every step is `shared_model.model.train_epoch` on one batch, the loop
 the sites run. Memory: torch's peak allocation on a GPU; on the CPU, the peak resident memory a
-fresh subprocess gains during its steps. Goals (issue 11): time ratio <= 1.6x on this CPU and <= 2x
+fresh subprocess gains during its steps. The plain step is timed again after each decoder's DP rows:
+a large drift means the machine was shared and the ratios are rough. Goals (issue 11): time ratio <= 1.6x on this CPU and <= 2x
 on a GPU; memory ratio <= 2x.
 
 `--per-layer` adds, for every row, a table of where a step's time goes per module type (forward,
@@ -172,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['memory_mb']:.0f} / {plain['memory_mb']:.0f} MB)", flush=True)
                 if args.per_layer:
                     print(format_table(f"{decoder} {gsm} {mode}", r["per_layer"]), flush=True)
+        again = _subprocess("plain", decoder, "hooks", args)["seconds"]  # a shared machine drifts: say so
+        for row in rows:
+            if row["decoder"] == decoder and "plain_s" in row:
+                row["plain_s_after"] = again
+        print(f"{decoder:12} plain again after the DP rows: {again:.3f} s/step "
+              f"({(again / plain['seconds'] - 1) * 100:+.0f}% against the first)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
