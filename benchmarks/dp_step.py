@@ -2,7 +2,8 @@
 
     python benchmarks/dp_step.py [--batch-size 64] [--steps 10] [--device cpu|cuda]
                                  [--grad-sample-mode hooks,ghost] [--decoders transformer,lstm]
-                                 [--per-layer] [--threads N] [--json FILE]
+                                 [--trainable all|decoder|fusion+decoder] [--per-layer] [--threads N]
+                                 [--json FILE]
 
 For each decoder (transformer, lstm) it times the median step (after warm-up) of
   plain    non-private AdamW on fixed batches;
@@ -44,14 +45,14 @@ LAYER_STEPS = 3  # instrumented steps for --per-layer
 
 
 def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int, steps: int, device_name: str,
-             per_layer: bool = False, threads: int | None = None) -> dict:
+             per_layer: bool = False, threads: int | None = None, trainable: str = "all") -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     from torch.utils.data import DataLoader, TensorDataset
 
-    from shared_model.model import Captioner, CaptionerConfig, pad_batch, train_epoch
+    from shared_model.model import Captioner, CaptionerConfig, pad_batch, set_trainable, train_epoch
     from shared_model.privacy import make_private
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -63,7 +64,7 @@ def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int,
     captions[:, 0], captions[:, -1] = 1, 2
     torch.manual_seed(0)
     model = Captioner(CaptionerConfig(vocab_size=48, decoder=decoder, dropout=0.0)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(set_trainable(model, trainable), lr=1e-3)  # plain and DP alike
     loader = DataLoader(TensorDataset(images, captions), batch_size=batch_size)
     physical = int(batch_size * 1.25)
     if mode != "plain":
@@ -116,7 +117,7 @@ def _subprocess(mode: str, decoder: str, grad_sample_mode: str, args) -> dict:
     """One mode in a fresh process: peak memory and warm caches of that mode only."""
     cmd = [sys.executable, __file__, "--one", mode, decoder, "--grad-sample-mode", grad_sample_mode,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
-           "--threads", str(args.threads or 0)]
+           "--threads", str(args.threads or 0), "--trainable", args.trainable]
     out = subprocess.run(cmd + (["--per-layer"] if args.per_layer else []), capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{mode}/{grad_sample_mode}/{decoder} failed:\n{out.stderr[-2000:]}")
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoders", default="transformer,lstm")
     parser.add_argument("--per-layer", action="store_true", help="time forward/backward/per-sample work per "
                                                                  "module type")
+    parser.add_argument("--trainable", default="all", help="all | decoder | fusion+decoder (the rest frozen, "
+                                                               "in the plain step too)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "DECODER"), help=argparse.SUPPRESS)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_mode(args.one[0], args.one[1], grad_sample_mode=gsms[0], batch_size=args.batch_size,
                                   steps=args.steps, device_name=args.device, per_layer=args.per_layer,
-                                  threads=args.threads)))
+                                  threads=args.threads, trainable=args.trainable)))
         return 0
     from layer_timing import format_table
 
@@ -161,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
                 check_grad_sample_mode(gsm, decoder=decoder)
             except ValueError as refused:
                 rows.append({"decoder": decoder, "mode": "-", "grad_sample_mode": gsm, "batch_size": args.batch_size,
-                             "device": args.device, "threads": args.threads, "refused": str(refused)})
+                             "device": args.device, "threads": args.threads, "trainable": args.trainable,
+                             "refused": str(refused)})
                 print(f"{decoder:12} {gsm:6} refused: {refused}", flush=True)
                 continue
             for mode in ("poisson", "fixed"):
                 r = _subprocess(mode, decoder, gsm, args)
                 row = {"decoder": decoder, "mode": mode, "grad_sample_mode": gsm, "batch_size": args.batch_size,
-                       "device": args.device, "threads": args.threads, "plain_s": plain["seconds"],
+                       "device": args.device, "threads": args.threads, "trainable": args.trainable,
+                       "plain_s": plain["seconds"],
                        "dp_s": r["seconds"], "time_ratio": r["seconds"] / plain["seconds"],
                        "plain_cpu_s": plain["cpu_seconds"], "dp_cpu_s": r["cpu_seconds"],
                        "cpu_time_ratio": r["cpu_seconds"] / plain["cpu_seconds"], "plain_memory_mb": plain["memory_mb"],
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.per_layer:
                     row["per_layer"], row["plain_per_layer"] = r["per_layer"], plain["per_layer"]
                 rows.append(row)
-                print(f"{decoder:12} {gsm:6} {mode:8} batch {args.batch_size} on {args.device}: plain "
+                print(f"{decoder:12} {gsm:6} {mode:8} batch {args.batch_size} on {args.device}"
+                      f"{'' if args.trainable == 'all' else ', trainable ' + args.trainable}: plain "
                       f"{plain['seconds']:.3f} s/step, DP {r['seconds']:.3f} s/step, time ratio "
                       f"{row['time_ratio']:.2f}x (CPU time {row['cpu_time_ratio']:.2f}x), memory ratio "
                       f"{row['memory_ratio']:.2f}x "

@@ -111,7 +111,7 @@ class LayerTimer:
         phases = {k: v * per for k, v in self.phases.items()}
         if step_seconds is not None:
             phases["whole step (instrumented)"] = step_seconds * 1e3
-            phases["backward and rest"] = step_seconds * 1e3 - phases.get("forward", 0) - phases.get(
+            phases["backward (all layers) and rest"] = step_seconds * 1e3 - phases.get("forward", 0) - phases.get(
                 "optimizer step", 0)
         return {"layers": layers, "phases": phases}
 
