@@ -1,7 +1,8 @@
 """One local training epoch, private or not; no Flower, no accounting (Opacus hooks do that).
 
-The loss goes through `training_loss`: the per-caption mean loss, or under Opacus's ghost clipping
-(grad-sample-mode "ghost") the same loss wrapped by Opacus so that `backward()` clips per caption."""
+The loss is the model's per-caption mean loss; under Opacus's ghost clipping (grad-sample-mode
+"ghost") the same loss goes through `training_loss`, Opacus's wrapper whose `backward()` clips per
+caption."""
 
 from __future__ import annotations
 
