@@ -101,6 +101,9 @@ class FedCapStrategy(Strategy):
         self.exhausted: set[str] = set()
         self.failures: list[dict[str, Any]] = []  # every error, refusal and rejection: round, site, kind, reason
         self.trained_rounds: list[int] = []
+        self.sent: dict[int, list[Message]] = {}  # round -> its train messages, until aggregated
+        self.sent_evaluate: list[Message] = []
+        self.recipients: dict[str, int] = {}  # message id -> the node it went to (a SuperLink error names no node)
         self.timings: dict[int, dict[str, dict[str, float]]] = {}  # round -> site -> where its message's time went
 
     @classmethod
@@ -146,6 +149,7 @@ class FedCapStrategy(Strategy):
                               f"needed (min-train-nodes / min-available-nodes), after node-wait-timeout "
                               f"{self.node_wait_timeout:g} s")
         messages = self._with_vocab(self.inner.configure_train(server_round, arrays, config, grid))
+        self.sent[server_round] = messages  # their message ids are set when the Grid pushes them
         if self.witness is not None:
             for m in messages[:1]:  # one ConfigRecord shared by every message: each site finds its own head
                 m.content["config"].update(self.witness.train_config())
@@ -165,11 +169,23 @@ class FedCapStrategy(Strategy):
             log.warning("round %d: federated evaluation skipped: %d node(s) connected, %d needed, after "
                         "node-wait-timeout %g s", server_round, connected, needed, self.node_wait_timeout)
             return []
-        return self._with_vocab(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        messages = self._with_vocab(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self.sent_evaluate = messages
+        return messages
 
     # -- who sent a reply --------------------------------------------------------------------
+    def _note_recipients(self, messages: Iterable[Message]) -> None:
+        self.recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+    def _sender(self, msg: Message) -> int:
+        """The node a reply is from; for an error the SuperLink made on a node's behalf (node
+        unavailable, message expired), the node the original message went to."""
+        if msg.has_error() and msg.metadata.reply_to_message_id in self.recipients:
+            return self.recipients[msg.metadata.reply_to_message_id]
+        return msg.metadata.src_node_id
+
     def _node_label(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
+        node = self._sender(msg)
         return self.node_site.get(node, f"node-{node}")
 
     def _site_of(self, msg: Message) -> str:
@@ -195,11 +211,18 @@ class FedCapStrategy(Strategy):
 
     # -- training ----------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies, sent = list(replies), self.sent.pop(server_round, [])
         candidates: dict[str, tuple[Message, dict[str, np.ndarray], int]] = {}
         refused = 0
+        self._note_recipients(sent)
+        answered = {self._sender(m) for m in replies}
+        for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
+            reason = "no reply within round-timeout (the node crashed, disconnected or is still training)"
+            site = self.node_site.get(node, f"node-{node}")
+            log.warning("round %d: %s (node %d): %s", server_round, site, node, reason)
+            self._fail(server_round, site, "no reply", reason, node)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if msg.has_error():
                 site = self._node_label(msg)
                 reason = f"error code {msg.error.code}: {msg.error.reason}"
@@ -291,8 +314,10 @@ class FedCapStrategy(Strategy):
     # -- evaluation --------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, per_site = [], {}
+        self._note_recipients(self.sent_evaluate)
+        self.sent_evaluate = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if msg.has_error():
                 reason = f"error code {msg.error.code}: {msg.error.reason}"
                 log.warning("round %d: evaluation at %s (node %d) failed: %s", server_round, self._node_label(msg),

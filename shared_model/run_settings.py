@@ -189,6 +189,7 @@ NODE_CONFIG: dict[str, Setting] = {
     "dataset-format": _choice(*DATASET_FORMATS),
     "skip-bad-records": BOOL,
     "state-dir": Setting(str, nonempty=True),
+    "non-private": BOOL,          # deployment: the site trains without DP (dp = false runs only)
     "ledger-mirror-dir": STR,
     "min-records": _int(1),
     "num-threads": _int(1),
