@@ -125,3 +125,15 @@ def test_bad_release_settings_name_the_value():
 
 def test_the_server_merges_releases_by_summed_noisy_count():
     assert merge_releases([{"a": 30.0, "b": 12.0}, {"b": 25.0, "c": 11.0}]) == ["b", "a", "c"]
+
+
+def test_run_config_private_vocabulary_excludes_other_vocabulary_sources():
+    from shared_model.run_settings import validate_run_config
+
+    assert validate_run_config({"vocab-source": "private", "vocab-delta": 1e-7})["vocab-source"] == "private"
+    with pytest.raises(ValueError, match="excludes init-from '/ckpt'"):
+        validate_run_config({"vocab-source": "private", "init-from": "/ckpt"})
+    with pytest.raises(ValueError, match="needs dp = true, got dp = false"):
+        validate_run_config({"vocab-source": "private", "dp": False})
+    with pytest.raises(ValueError, match="vocab-source must be one of 'server', 'private', got 'sites'"):
+        validate_run_config({"vocab-source": "sites"})
