@@ -121,6 +121,7 @@ def vocab(msg: Message, context: Context) -> Message:
         raise ValueError("vocab-source 'private' needs the site's privacy budget, got dp = false")
     ledger = site_ledger(rc, nc, context.run_id)
     ids, captions = distinct_records(site_data(rc, nc)[0])
+    budget.check_delta(len(ids))
     site = {"name": name, "ledger-ephemeral": ephemeral}
     # a simulation reproduces its noise from the run's seed; a deployed site draws it from the OS
     seed = None if is_deployed(nc) else int(rc["seed"]) * 1_000_003 + int(nc.get("partition-id", 0))

@@ -113,11 +113,15 @@ AUDIT_EXIT_CODES = """exit codes:
 def _audit(args: argparse.Namespace) -> int:
     from shared_model.privacy import audit, format_table, to_json, write_report
 
-    accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
-    def progress(done: int, total: int, site: str) -> None:
-        print(f"audited {site} ({done}/{total}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    from .progress import Progress
 
-    t0 = time.perf_counter()
+    accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
+    bar = Progress(0, label="auditing", stream=sys.stderr, bar=False)  # one line per site, with an estimate
+
+    def progress(done: int, total: int, site: str) -> None:
+        bar.total, bar.done = total, done
+        bar.line(f"audited {site} ({done}/{total})")
+
     result = audit(args.paths, accountants=accountants, tolerance=args.tolerance,
                    federation_state=args.federation_state, progress=progress)
     print(format_table(result), file=sys.stderr if args.json == "-" else sys.stdout)
