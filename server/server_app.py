@@ -39,11 +39,10 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, context: Context, rc: dict) -> None:
-    from shared_model.evaluation import evaluate
+    from shared_model.evaluation import Gallery, evaluate
     from shared_model.run_folder import run_dir
     from shared_model.util import utc_now
 
-    from .gallery import Gallery
     from .initial_model import initial_model, write_init_record
     from .outputs import RunOutputs
     from .private_vocab import private_vocabulary
