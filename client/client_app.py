@@ -131,7 +131,8 @@ def vocab(msg: Message, context: Context) -> Message:
             check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
         try:
             released, line = release_vocabulary(tx=tx, record_ids=ids, captions=captions, budget=budget,
-                                                release=vocab_release(config), run_id=str(context.run_id), seed=seed)
+                                                release=vocab_release(config), run_id=str(context.run_id),
+                                                run_epsilon=float(rc["run-epsilon"]), seed=seed)
         except BudgetExhaustedError as e:
             log.warning("%s: %s", name, e)
             head, count = e.ledger_head

@@ -235,6 +235,7 @@ def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr
         assert release["noise_multiplier"] == 1.0 and release["max_words_per_record"] == 6
         assert release["words_released"] > 5 and release["records_counted"] > 0
         assert grant["spent_before"] == release["epsilon"] and trained["epsilon"] > release["epsilon"]
+        assert grant["granted_epsilon"] == pytest.approx(8.0 - release["epsilon"])  # the run's allowance, shared
     report = audit([run_dir], accountants=("rdp", "pld"))
     assert report.status == "ok"
     for s in report.sites:

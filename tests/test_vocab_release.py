@@ -108,10 +108,14 @@ def test_the_site_refuses_a_release_beyond_its_budget(tmp_path):
     cases = [(SiteBudget(target_epsilon=0.5, target_delta=1e-5), RELEASE, "exhausted: only 0 of 4"),
              (BUDGET, VocabRelease(noise_multiplier=1.0, max_words_per_record=3, threshold_delta=1e-4),
               "vocab-delta 0.0001 is above"),
-             (SiteBudget(target_epsilon=10.0, target_delta=1e-5, max_run_epsilon=1.0), RELEASE, "max-run-epsilon 1")]
+             (SiteBudget(target_epsilon=10.0, target_delta=1e-5, max_run_epsilon=1.0), RELEASE, "max-run-epsilon 1:")]
     for budget, release, message in cases:
         with ledger.transaction() as tx, pytest.raises(BudgetExhaustedError, match=message) as err:
             release_vocabulary(tx=tx, record_ids=IDS, captions=RECORDS, budget=budget, release=release, run_id="1")
+        assert err.value.ledger_head[1] == 0
+    with ledger.transaction() as tx, pytest.raises(BudgetExhaustedError, match="below the run's run-epsilon 2:"):
+        release_vocabulary(tx=tx, record_ids=IDS, captions=RECORDS, budget=BUDGET, release=RELEASE, run_id="1",
+                           run_epsilon=2.0)
         assert err.value.ledger_head[1] == 0
     assert ledger.records() == []  # nothing written
 

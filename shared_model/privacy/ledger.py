@@ -278,6 +278,10 @@ class LedgerTransaction:
     def last_membership(self) -> str | None:
         return next((r["membership"] for r in reversed(self.records) if r["kind"] in EVENT_KINDS), None)
 
+    def run_releases(self, run_id: str) -> list[DPSGDEvent]:
+        """The private vocabulary releases of run `run_id` (spent before its first round)."""
+        return [record_event(r) for r in self.records if r["kind"] == "vocab-gaussian" and r["run_id"] == str(run_id)]
+
     def grant(self, run_id: str) -> dict[str, Any] | None:
         return next((r for r in self.records if r["kind"] == "grant" and r["run_id"] == str(run_id)), None)
 

@@ -113,7 +113,7 @@ def noisy_release(counts: Counter, *, release: VocabRelease, rng: random.Random)
 
 
 def release_vocabulary(*, tx: LedgerTransaction, record_ids: Sequence[str], captions: Sequence[Sequence[str]],
-                       budget: SiteBudget, release: VocabRelease, run_id: str,
+                       budget: SiteBudget, release: VocabRelease, run_id: str, run_epsilon: float | None = None,
                        seed: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """The site's private vocabulary release inside its ledger transaction `tx`: plan against the
     site's budget, count, noise, threshold, append the "vocab-gaussian" line. Returns ({word: noisy
@@ -122,7 +122,9 @@ def release_vocabulary(*, tx: LedgerTransaction, record_ids: Sequence[str], capt
     Budget (the same individual filter as a DP-SGD round, site_budget.plan_round): records whose
     epsilon after this release would exceed target_epsilon are left out (retired) and not counted;
     BudgetExhaustedError when fewer than `budget.min_records` remain, when the release alone costs
-    more than the site's max_run_epsilon, or when threshold_delta exceeds the site's target_delta.
+    more than the site's max_run_epsilon or than the run's `run_epsilon` (the release shares the
+    run's allowance: the run's grant at its first round is what is left), or when threshold_delta
+    exceeds the site's target_delta.
     `record_ids` and `captions` are the site's records, each distinct record once. `seed` None
     draws the noise from the OS's entropy (deployment); a seed reproduces a simulation."""
     if len(record_ids) != len(captions):
@@ -141,9 +143,11 @@ def release_vocabulary(*, tx: LedgerTransaction, record_ids: Sequence[str], capt
         raise refuse(f"vocab-delta {release.threshold_delta:g} is above the site's target-delta {delta:g}: the "
                      f"thresholding delta adds to the site's delta")
     alone = compute_epsilon([event], target_delta=delta, accountant=acc)
-    if budget.max_run_epsilon is not None and alone > budget.max_run_epsilon:
-        raise refuse(f"the vocabulary release alone costs epsilon {alone:.4g} (vocab-noise-multiplier "
-                     f"{release.noise_multiplier:g}) > the site's max-run-epsilon {budget.max_run_epsilon:g}")
+    for cap, name in ((budget.max_run_epsilon, "the site's max-run-epsilon"), (run_epsilon, "the run's run-epsilon")):
+        if cap is not None and alone >= cap:
+            raise refuse(f"the vocabulary release alone costs epsilon {alone:.4g} (vocab-noise-multiplier "
+                         f"{release.noise_multiplier:g}), not below {name} {cap:g}: no allowance would be left "
+                         f"for training")
     by_group = histories.groups_of(record_ids)
     projected = projected_epsilons(histories, sorted(by_group), event, target_delta=delta, accountant=acc)
     active = [g for g, eps in projected.items() if eps <= budget.target_epsilon]
