@@ -135,7 +135,7 @@ def _plot(result: AuditResult, path: Path) -> bool:
         drawn = True
     if drawn:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("training round in the site's history (dp-sgd ledger line, all runs)")
+        ax.set_xlabel("event in the site's history (dp-sgd or vocab-gaussian ledger line, all runs)")
         ax.set_ylabel("largest per-record epsilon, recomputed")
         ax.set_title("Spent epsilon per site (dashed: budget)")
         ax.legend(fontsize="small")
