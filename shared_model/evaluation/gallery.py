@@ -40,7 +40,7 @@ class Gallery:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         (r0, first), (r1, last) = self.first, self.last
-        columns = [(r0, first)] if self.first is self.last else [(r0, first), (r1, last)]
+        columns = [(r0, first)] if r0 == r1 else [(r0, first), (r1, last)]
         lines = ["", f"## {title}", "", "| image | references | "
                  + " | ".join(f"round {r}" if isinstance(r, int) else _cell(r) for r, _ in columns) + " |",
                  "|---|---|" + "---|" * len(columns)]
