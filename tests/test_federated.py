@@ -245,3 +245,14 @@ def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr
     assert main(["audit", str(run_dir)]) == 0
     summary = (run_dir / "summary.md").read_text()
     assert "## Private vocabulary (before round 1)" in summary and "| site-0 |" in summary
+
+
+def test_a_private_vocabulary_without_words_fails_the_run_by_name(tmp_path, flwr_home, sites2):
+    with pytest.raises(RunFailed) as err:
+        run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
+                       overrides=overrides(num_server_rounds=1, vocab_source="private", vocab_noise_multiplier=50.0))
+    assert err.value.status == "finished:failed"
+    assert "no word cleared any site's threshold (vocab-noise-multiplier 50" in err.value.log
+    for site in ("site-0", "site-1"):  # the release was spent and recorded all the same
+        lines = PrivacyLedger(err.value.run_dir / "sites" / site / "ledger.jsonl").records()
+        assert [r["kind"] for r in lines] == ["vocab-gaussian"] and lines[0]["words_released"] == 0
