@@ -1,4 +1,5 @@
-"""FedCap ClientApp: thin handlers over client.trainer and shared_model (heavy imports inside)."""
+"""FedCap ClientApp: thin handlers over client.trainer and shared_model (heavy imports inside): train,
+evaluate, and the private vocabulary round (query.vocab)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,46 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
                                        "site": ConfigRecord({"name": site_name(context.node_config)})}),
                    reply_to=msg)
+
+
+@app.query("vocab")
+def vocab(msg: Message, context: Context) -> Message:
+    """The private vocabulary round (message type "query.vocab", before round 1): the site releases
+    DP word counts of its own records inside one ledger transaction (shared_model.privacy.vocab_release)."""
+    validate_node_config(context.node_config)
+    from shared_model.privacy import BudgetExhaustedError, check_witness, release_vocabulary
+
+    from .settings import (distinct_records, is_deployed, ledger_is_ephemeral, site_budget, site_data, site_ledger,
+                           site_name, vocab_release, witnessed_head)
+
+    rc, nc, config = context.run_config, context.node_config, msg.content["config"]
+    name, ephemeral = site_name(nc), ledger_is_ephemeral(rc, nc)
+    budget = site_budget(rc, nc)
+    if budget is None:
+        raise ValueError("vocab-source 'private' needs the site's privacy budget, got dp = false")
+    ledger = site_ledger(rc, nc, context.run_id)
+    ids, captions = distinct_records(site_data(rc, nc)[0])
+    budget.check_delta(len(ids))
+    site = {"name": name, "ledger-ephemeral": ephemeral}
+    # a simulation reproduces its noise from the run's seed; a deployed site draws it from the OS
+    seed = None if is_deployed(nc) else int(rc["seed"]) * 1_000_003 + int(nc.get("partition-id", 0))
+    with ledger.transaction() as tx:
+        witness = None if ephemeral else witnessed_head(config, name)
+        if witness is not None:
+            check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
+        try:
+            released, line = release_vocabulary(tx=tx, record_ids=ids, captions=captions, budget=budget,
+                                                release=vocab_release(config), run_id=str(context.run_id),
+                                                run_epsilon=float(rc["run-epsilon"]), seed=seed)
+        except BudgetExhaustedError as e:
+            log.warning("%s: %s", name, e)
+            head, count = e.ledger_head
+            return Message(content=RecordDict({"site": ConfigRecord({**site, "refused": str(e), "ledger-head": head,
+                                                                     "ledger-records": count})}), reply_to=msg)
+        head, count = tx.head
+    words = sorted(released)
+    return Message(content=RecordDict({
+        "vocab": ConfigRecord({"words": words, "counts": [float(released[w]) for w in words]}),
+        "metrics": MetricRecord({"epsilon": line["epsilon"], "records-counted": line["records_counted"],
+                                 "records-retired": line["records_retired"], "threshold": line["threshold"]}),
+        "site": ConfigRecord({**site, "ledger-head": head, "ledger-records": count})}), reply_to=msg)

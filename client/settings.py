@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.data import CaptionSet
-from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
+from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget, VocabRelease
 from shared_model.run_folder import run_dir
 
 from .trainer import LocalTraining
@@ -142,3 +142,18 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
                          max_physical_batch_size=int(run_config["max-physical-batch-size"]),
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
                          fixed_batch_shapes=shape == "fixed", trainable=str(run_config.get("trainable", "all")))
+
+
+def vocab_release(query_config: Mapping[str, Any]) -> VocabRelease:
+    """The private vocabulary release the server asks for (the site's budget decides whether it runs)."""
+    return VocabRelease(noise_multiplier=_number(query_config, "vocab-noise-multiplier"),
+                        max_words_per_record=int(query_config["vocab-max-words-per-record"]),
+                        threshold_delta=_number(query_config, "vocab-delta"))
+
+
+def distinct_records(data: CaptionSet) -> tuple[list[str], list[tuple[str, ...]]]:
+    """(content IDs, caption sets) with each distinct record once, as DP-SGD samples them."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for rid, caps in zip(data.record_ids(), data.captions):
+        seen.setdefault(rid, caps)
+    return list(seen), list(seen.values())

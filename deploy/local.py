@@ -36,6 +36,7 @@ from pathlib import Path
 from shared_model.run_settings import validate_run_config
 from shared_model.runners.flower_runtime import (ROOT, RunFailed, alive, default_run_config, flower_env, flwr_run,
                                                  free_port, stop_pids)
+from shared_model.runners.progress import RoundLines
 
 CONNECTION = "fedcap-deploy"
 
@@ -249,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             deployment.start()
             print(f"SuperLink on {deployment.host}:{deployment.port} (TLS, node authentication); "
                   f"{args.sites} SuperNodes online", flush=True)
-            result = deployment.run(overrides, timeout=args.timeout)
+            rounds = {**default_run_config(), **overrides}["num-server-rounds"]
+            result = deployment.run(overrides, timeout=args.timeout,
+                                    stream_to=RoundLines(sys.stdout, num_rounds=rounds))
     except (RuntimeError, ValueError, TypeError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
         print(f"deployment failed: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,15 @@ BUDGET_METRICS = ("epsilon", "delta", "target-epsilon", "epsilon-remaining", "ru
                   "records-trained", "records-retired")
 
 
+def wait_for_nodes(grid: Grid, needed: int, *, timeout: float) -> int:
+    """Poll until `needed` nodes are connected or `timeout` s passed (Flower's own sampling would
+    wait forever); the number connected."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return connected
+
+
 class RoundFailed(RuntimeError):
     """Fewer sites trained in a round than `min-train-nodes`: the run stops, failed."""
 
@@ -131,12 +140,7 @@ class FedCapStrategy(Strategy):
         return messages
 
     def _connected(self, grid: Grid, needed: int) -> int:
-        """Poll until `needed` nodes are connected or `node-wait-timeout` s passed (Flower's own
-        sampling would wait forever); the number connected."""
-        deadline = time.monotonic() + self.node_wait_timeout
-        while (connected := len(list(grid.get_node_ids()))) < needed and time.monotonic() < deadline:
-            time.sleep(1.0)
-        return connected
+        return wait_for_nodes(grid, needed, timeout=self.node_wait_timeout)
 
     def expect(self, arrays: ArrayRecord) -> None:
         """The global model this round's replies are checked against."""

@@ -153,6 +153,10 @@ RUN_CONFIG: dict[str, Setting] = {
     "server-eval-data": STR,
     "server-eval-format": _choice(*DATASET_FORMATS),
     "vocab-file": STR,
+    "vocab-source": _choice("server", "private"),
+    "vocab-noise-multiplier": POSITIVE,
+    "vocab-max-words-per-record": _int(1),
+    "vocab-delta": PROBABILITY_OPEN,
     "eval-beam-size": _int(1),
     # model
     "image-size": _int(16),
@@ -224,6 +228,14 @@ def validate_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     if rc.get("init-from") and rc.get("resume-from"):
         raise ValueError(f"init-from and resume-from exclude each other, got init-from {rc['init-from']!r} and "
                          f"resume-from {rc['resume-from']!r}")
+    if rc.get("vocab-source") == "private":
+        clash = [f"{k} {rc[k]!r}" for k in ("vocab-file", "init-from", "resume-from") if rc.get(k)]
+        if clash:
+            raise ValueError(f"vocab-source 'private' builds the vocabulary from the sites' released counts and a "
+                             f"fresh model; it excludes {', '.join(clash)}")
+        if rc.get("dp") is False:
+            raise ValueError("vocab-source 'private' spends the sites' privacy budgets and needs dp = true, got "
+                             "dp = false")
     return rc
 
 
