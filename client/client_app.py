@@ -32,6 +32,16 @@ def _model_and_vocab(msg: Message, context: Context):
     return model, vocab, device
 
 
+def _held_out_metrics(model, vocab, held_out, run_config, device) -> dict:
+    """Caption metrics of `model` on the site's held-out split (never trained on), + num-examples."""
+    from shared_model.evaluation import evaluate as evaluate_model
+
+    metrics, _ = evaluate_model(model.to(device), held_out, vocab, beam_size=int(run_config["eval-beam-size"]),
+                                device=device, meteor=False)
+    metrics["num-examples"] = len(held_out)
+    return metrics
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)  # a named error reply before anything else
@@ -54,8 +64,15 @@ def train(msg: Message, context: Context) -> Message:
     site = {"name": name, "ledger-ephemeral": ephemeral}
     threads = cap_threads(nc)
     phases.mark("setup")
-    train_set, _ = site_data(rc, nc)
+    train_set, held_out = site_data(rc, nc)
     phases.mark("data")
+    # the received global model on the held-out split, before training: the server's federated
+    # evaluation of the previous round, without a message (and a process start) of its own
+    evaluation = None
+    if config.get("evaluate-received", False):
+        evaluation = _held_out_metrics(model, vocab, held_out, rc, device)
+    phases.mark("evaluate")
+    evaluated = {"evaluate": MetricRecord(evaluation)} if evaluation is not None else {}
     try:
         metrics = train_round(model=model, data=train_set, vocab=vocab, training=local_training(rc, config),
                               budget=budget, ledger=ledger,
@@ -70,6 +87,7 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": e.spent,
                                      "delta": e.target_delta, "target-epsilon": e.target_epsilon}),
             "site": ConfigRecord({**site, "budget-exhausted": str(e), "ledger-head": head, "ledger-records": count}),
+            **evaluated,
         })
         return Message(content=content, reply_to=msg)
     if budget is None:  # same metric keys from every site, or Flower skips the aggregation
@@ -83,22 +101,18 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord(model_state(model))
     phases.mark("reply")
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({**site, **phases.record(), "torch-threads": threads})})
+                          "site": ConfigRecord({**site, **phases.record(), "torch-threads": threads}), **evaluated})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)  # a named error reply before anything else
-    from shared_model.evaluation import evaluate as evaluate_model
-
     from .settings import site_data, site_name
 
     model, vocab, device = _model_and_vocab(msg, context)
     _, held_out = site_data(context.run_config, context.node_config)
-    metrics, _ = evaluate_model(model.to(device), held_out, vocab, beam_size=int(context.run_config["eval-beam-size"]),
-                                device=device, meteor=False)
-    metrics["num-examples"] = len(held_out)
+    metrics = _held_out_metrics(model, vocab, held_out, context.run_config, device)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
                                        "site": ConfigRecord({"name": site_name(context.node_config)})}),
                    reply_to=msg)

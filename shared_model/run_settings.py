@@ -175,6 +175,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "output-dir": Setting(str, nonempty=True),
     "site-state-dir": STR,
     "resume-from": STR,
+    "evaluate-in-train": BOOL,
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,
     # empirical privacy audit

@@ -86,7 +86,8 @@ def test_node_and_superlink_faults_on_loopback(tmp_path):
         config = {**FAULTY, "num-server-rounds": 2, "min-train-nodes": 2, "min-evaluate-nodes": 2,
                   "min-available-nodes": 2}
         thread, out = run_in_thread(deployment, config, timeout=300)
-        others = lambda: [r for r in (tmp_path / "deploy" / "server").glob("run-*") if r != first["run_dir"]]  # noqa: E731
+        server = tmp_path / "deploy" / "server"
+        others = lambda: [r for r in server.glob("run-*") if r != first["run_dir"]]  # noqa: E731
         wait_for(lambda: others() and (others()[0] / "checkpoints" / "LATEST").is_file(),
                  "round 1 of the second run to be checkpointed", 300)
         interrupted = others()[0]

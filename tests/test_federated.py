@@ -50,7 +50,9 @@ def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites
     assert cider[-1] > cider[0] + 0.1 and rows[-1]["loss"] < rows[0]["loss"]
     assert not (run_dir / "sites").exists()  # non-private: no ledger records
     federated = [json.loads(line) for line in (run_dir / "federated.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in federated] == [1, 2, 3]
+    # evaluate-in-train: rounds 0-2 are evaluated inside the next round's train messages, round 3 by
+    # the one evaluate message after the last round
+    assert [r["round"] for r in federated] == [0, 1, 2, 3]
     assert all(set(r["sites"]) == {"site-0", "site-1"} for r in federated)
     held_out = [r["sites"]["site-0"]["num-examples"] for r in federated]
     assert held_out[0] > 0 and len(set(held_out)) == 1  # the same held-out split every round
