@@ -121,7 +121,8 @@ AUDIT_EXIT_CODES = """exit codes:
   1  a failure: a record's recomputed epsilon (site's accountant) above its budget, a ledger line whose
      recorded epsilon is below the recomputed one, or (with --federation-state) a witnessed ledger
      head (only each --site's, if given) that no audited ledger holds (deleted, rolled back,
-     rewritten); with --strict also any warning (accountants that disagree beyond --tolerance, budget fields that change)
+     rewritten); with --strict also any warning (accountants that disagree beyond --tolerance,
+     budget fields that change)
   2  a ledger that cannot be audited (malformed, hash chain broken: edited, removed, reordered or
      torn line; a membership file missing or altered), no ledger found, a missing path or a bad argument
      (a --site the federation state does not name)
