@@ -152,10 +152,15 @@ def find_ledgers(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
 
 def audit(paths: Sequence[str | Path], *, accountants: Sequence[str] = DEFAULT_ACCOUNTANTS,
           tolerance: float = TOLERANCE, record_tolerance: float = RECORD_TOLERANCE,
-          federation_state: str | Path | None = None, progress=None) -> AuditResult:
+          federation_state: str | Path | None = None, witness_sites: Sequence[str] | None = None,
+          progress=None) -> AuditResult:
     """Audit every ledger found under `paths` (see find_ledgers), and with `federation_state` check
-    every witnessed head. `progress(done, total, site)` is called after each site."""
+    every witnessed head, or only those of `witness_sites` (names as the server witnessed them: each
+    site's node_config site-name), e.g. a site auditing its own ledger. `progress(done, total, site)`
+    is called after each site."""
     accountants = tuple(accountants)
+    if witness_sites and federation_state is None:
+        raise ValueError("--site needs --federation-state")
     bad = [a for a in accountants if a not in ACCOUNTANTS]
     if not accountants or bad:
         raise ValueError(f"accountants must be among {ACCOUNTANTS}, got {list(accountants)}")
@@ -173,12 +178,14 @@ def audit(paths: Sequence[str | Path], *, accountants: Sequence[str] = DEFAULT_A
         if progress is not None:
             progress(k, len(ledgers), site)
     if federation_state is not None:
-        findings += check_witnessed_heads(federation_state, hashes)
+        findings += check_witnessed_heads(federation_state, hashes, only=witness_sites)
     return AuditResult(sites, findings, accountants, float(tolerance), float(record_tolerance))
 
 
-def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[str]]) -> list[Finding]:
-    """A failure for every witnessed (site, head, line count) that no audited ledger holds."""
+def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[str]],
+                          only: Sequence[str] | None = None) -> list[Finding]:
+    """A failure for every witnessed (site, head, line count) that no audited ledger holds; with
+    `only`, for those sites alone (a name the file does not hold is an error)."""
     path = Path(federation_state)
     try:
         if not path.is_file():
@@ -186,6 +193,13 @@ def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[s
         witnessed = load_federation_state(path)
     except ValueError as e:
         return [Finding("error", "malformed-ledger", "(federation)", str(e))]
+    if only:
+        unknown = sorted(set(only) - set(witnessed))
+        if unknown:
+            return [Finding("error", "malformed-ledger", "(federation)",
+                            f"{path} witnesses no site named {', '.join(unknown)} (it holds: "
+                            f"{', '.join(sorted(witnessed)) or 'none'})")]
+        witnessed = {site: w for site, w in witnessed.items() if site in set(only)}
     findings = []
     for site, w in sorted(witnessed.items()):
         count, head = int(w["records"]), str(w["head"])

@@ -120,10 +120,12 @@ AUDIT_EXIT_CODES = """exit codes:
   0  every ledger verified; no failure (warnings allowed unless --strict)
   1  a failure: a record's recomputed epsilon (site's accountant) above its budget, a ledger line whose
      recorded epsilon is below the recomputed one, or (with --federation-state) a witnessed ledger
-     head that no audited ledger holds (deleted, rolled back, rewritten); with --strict also any
-     warning (accountants that disagree beyond --tolerance, budget fields that change)
+     head (only each --site's, if given) that no audited ledger holds (deleted, rolled back,
+     rewritten); with --strict also any warning (accountants that disagree beyond --tolerance,
+     budget fields that change)
   2  a ledger that cannot be audited (malformed, hash chain broken: edited, removed, reordered or
      torn line; a membership file missing or altered), no ledger found, a missing path or a bad argument
+     (a --site the federation state does not name)
 """
 
 
@@ -140,7 +142,7 @@ def _audit(args: argparse.Namespace) -> int:
         bar.line(f"audited {site} ({done}/{total})")
 
     result = audit(args.paths, accountants=accountants, tolerance=args.tolerance,
-                   federation_state=args.federation_state, progress=progress)
+                   federation_state=args.federation_state, witness_sites=args.site, progress=progress)
     print(format_table(result), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         text = json.dumps(to_json(result, strict=args.strict), indent=2)
@@ -241,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--federation-state", type=Path, metavar="FILE",
                    help="the server's federation-state.json: flag every witnessed site whose ledger is missing or "
                         "behind its witnessed head")
+    a.add_argument("--site", action="append", metavar="NAME",
+                   help="with --federation-state: check only this site's witnessed head (its node_config "
+                        "site-name; repeat for several), e.g. a site auditing its own ledger")
     a.set_defaults(func=_audit)
 
     add_vocab_parser(sub)
