@@ -1,4 +1,5 @@
-"""FedCap ClientApp: thin handlers over client.trainer and shared_model (heavy imports inside)."""
+"""FedCap ClientApp: thin handlers over client.trainer and shared_model (heavy imports inside): train,
+evaluate, and the private vocabulary round (query.vocab)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def _model_and_vocab(msg: Message, context: Context):
     return model, vocab, device
 
 
+def _held_out_metrics(model, vocab, held_out, run_config, device) -> dict:
+    """Caption metrics of `model` on the site's held-out split (never trained on), + num-examples."""
+    from shared_model.evaluation import evaluate as evaluate_model
+
+    metrics, _ = evaluate_model(model.to(device), held_out, vocab, beam_size=int(run_config["eval-beam-size"]),
+                                device=device, meteor=False)
+    metrics["num-examples"] = len(held_out)
+    return metrics
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)  # a named error reply before anything else
@@ -53,8 +64,15 @@ def train(msg: Message, context: Context) -> Message:
     site = {"name": name, "ledger-ephemeral": ephemeral}
     threads = cap_threads(nc)
     phases.mark("setup")
-    train_set, _ = site_data(rc, nc)
+    train_set, held_out = site_data(rc, nc)
     phases.mark("data")
+    # the received global model on the held-out split, before training: the server's federated
+    # evaluation of the previous round, without a message (and a process start) of its own
+    evaluation = None
+    if config.get("evaluate-received", False):
+        evaluation = _held_out_metrics(model, vocab, held_out, rc, device)
+    phases.mark("evaluate")
+    evaluated = {"evaluate": MetricRecord(evaluation)} if evaluation is not None else {}
     try:
         metrics = train_round(model=model, data=train_set, vocab=vocab, training=local_training(rc, config),
                               budget=budget, ledger=ledger,
@@ -69,6 +87,7 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": e.spent,
                                      "delta": e.target_delta, "target-epsilon": e.target_epsilon}),
             "site": ConfigRecord({**site, "budget-exhausted": str(e), "ledger-head": head, "ledger-records": count}),
+            **evaluated,
         })
         return Message(content=content, reply_to=msg)
     if budget is None:  # same metric keys from every site, or Flower skips the aggregation
@@ -82,22 +101,61 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord(model_state(model))
     phases.mark("reply")
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({**site, **phases.record(), "torch-threads": threads})})
+                          "site": ConfigRecord({**site, **phases.record(), "torch-threads": threads}), **evaluated})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)  # a named error reply before anything else
-    from shared_model.evaluation import evaluate as evaluate_model
-
     from .settings import site_data, site_name
 
     model, vocab, device = _model_and_vocab(msg, context)
     _, held_out = site_data(context.run_config, context.node_config)
-    metrics, _ = evaluate_model(model.to(device), held_out, vocab, beam_size=int(context.run_config["eval-beam-size"]),
-                                device=device, meteor=False)
-    metrics["num-examples"] = len(held_out)
+    metrics = _held_out_metrics(model, vocab, held_out, context.run_config, device)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
                                        "site": ConfigRecord({"name": site_name(context.node_config)})}),
                    reply_to=msg)
+
+
+@app.query("vocab")
+def vocab(msg: Message, context: Context) -> Message:
+    """The private vocabulary round (message type "query.vocab", before round 1): the site releases
+    DP word counts of its own records inside one ledger transaction (shared_model.privacy.vocab_release)."""
+    validate_node_config(context.node_config)
+    from shared_model.privacy import BudgetExhaustedError, check_witness, release_vocabulary
+
+    from .settings import (distinct_records, is_deployed, ledger_is_ephemeral, site_budget, site_data, site_ledger,
+                           site_name, vocab_release, witnessed_head)
+
+    rc, nc, config = context.run_config, context.node_config, msg.content["config"]
+    name, ephemeral = site_name(nc), ledger_is_ephemeral(rc, nc)
+    budget = site_budget(rc, nc)
+    if budget is None:
+        raise ValueError("vocab-source 'private' needs the site's privacy budget, got dp = false")
+    ledger = site_ledger(rc, nc, context.run_id)
+    ids, captions = distinct_records(site_data(rc, nc)[0])
+    budget.check_delta(len(ids))
+    site = {"name": name, "ledger-ephemeral": ephemeral}
+    # a simulation reproduces its noise from the run's seed; a deployed site draws it from the OS
+    seed = None if is_deployed(nc) else int(rc["seed"]) * 1_000_003 + int(nc.get("partition-id", 0))
+    with ledger.transaction() as tx:
+        witness = None if ephemeral else witnessed_head(config, name)
+        if witness is not None:
+            check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
+        try:
+            released, line = release_vocabulary(tx=tx, record_ids=ids, captions=captions, budget=budget,
+                                                release=vocab_release(config), run_id=str(context.run_id),
+                                                run_epsilon=float(rc["run-epsilon"]), seed=seed)
+        except BudgetExhaustedError as e:
+            log.warning("%s: %s", name, e)
+            head, count = e.ledger_head
+            return Message(content=RecordDict({"site": ConfigRecord({**site, "refused": str(e), "ledger-head": head,
+                                                                     "ledger-records": count})}), reply_to=msg)
+        head, count = tx.head
+    words = sorted(released)
+    return Message(content=RecordDict({
+        "vocab": ConfigRecord({"words": words, "counts": [float(released[w]) for w in words]}),
+        "metrics": MetricRecord({"epsilon": line["epsilon"], "records-counted": line["records_counted"],
+                                 "records-retired": line["records_retired"], "threshold": line["threshold"]}),
+        "site": ConfigRecord({**site, "ledger-head": head, "ledger-records": count})}), reply_to=msg)

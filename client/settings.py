@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.data import CaptionSet
-from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
+from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget, VocabRelease
 from shared_model.run_folder import run_dir
 
 from .trainer import LocalTraining
@@ -59,7 +59,11 @@ def ledger_is_ephemeral(run_config: Mapping[str, Any], node_config: Mapping[str,
 def site_budget(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteBudget | None:
     """The site's lifetime budget per record. Deployment: only node_config sets it (target-epsilon
     and target-delta both required; no run-config value can raise either) and the site always trains
-    privately. Simulation: the run config's budget for the simulated sites, or None when dp = false."""
+    privately. Simulation: the run config's budget for the simulated sites, or None when dp = false.
+    A deployed site opts out only in its own node_config (`non-private = true`, no budget, a state-dir
+    without a DP ledger) and then takes part in `dp = false` runs only: None."""
+    if node_config.get("non-private", False):
+        return _non_private_site(run_config, node_config)
     if is_deployed(node_config) or "target-epsilon" in node_config:
         missing = [k for k in ("target-epsilon", "target-delta") if k not in node_config]
         if missing:
@@ -78,6 +82,22 @@ def site_budget(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
                       max_run_epsilon=None if max_run is None else float(max_run),
                       min_records=int(node_config.get("min-records", 1)),
                       max_grad_norm=_number(run_config, "max-grad-norm"), noise_multiplier=noise or None)
+
+
+def _non_private_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+    """Checks for a site that trains without DP (a baseline): never with a budget, never for a run
+    that asks for DP, never beside a DP ledger (its records would be trained on outside the ledger)."""
+    budget_keys = sorted(k for k in ("target-epsilon", "target-delta", "max-run-epsilon") if k in node_config)
+    if budget_keys:
+        raise ValueError(f"node_config sets non-private = true and {budget_keys}: a site either has a privacy "
+                         f"budget or trains without DP, not both")
+    if run_config.get("dp", True):
+        raise ValueError("this site is non-private (node_config non-private = true) and the run asks dp = true: "
+                         "a non-private site takes part in dp = false runs only")
+    if "state-dir" in node_config and (Path(str(node_config["state-dir"])).expanduser() / "ledger.jsonl").exists():
+        raise ValueError(f"state-dir {node_config['state-dir']} holds a DP ledger: a non-private site needs its own, "
+                         f"new state-dir")
+    return None
 
 
 def _number(config: Mapping[str, Any], key: str) -> float:
@@ -123,3 +143,18 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
                          fixed_batch_shapes=shape == "fixed", trainable=str(run_config.get("trainable", "all")),
                          grad_sample_mode=str(run_config.get("grad-sample-mode", "hooks")))
+
+
+def vocab_release(query_config: Mapping[str, Any]) -> VocabRelease:
+    """The private vocabulary release the server asks for (the site's budget decides whether it runs)."""
+    return VocabRelease(noise_multiplier=_number(query_config, "vocab-noise-multiplier"),
+                        max_words_per_record=int(query_config["vocab-max-words-per-record"]),
+                        threshold_delta=_number(query_config, "vocab-delta"))
+
+
+def distinct_records(data: CaptionSet) -> tuple[list[str], list[tuple[str, ...]]]:
+    """(content IDs, caption sets) with each distinct record once, as DP-SGD samples them."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for rid, caps in zip(data.record_ids(), data.captions):
+        seen.setdefault(rid, caps)
+    return list(seen), list(seen.values())

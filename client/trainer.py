@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
 from shared_model.model import Captioner, check_trainable, set_trainable, train_epoch
 from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, RunRequest, SiteBudget, check_grad_sample_mode,
-                                  check_witness, plan_round, private_training, unwrap)
+                                  check_witness, compute_epsilon, plan_round, private_training, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,11 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
         if witness is not None:
             check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
         try:
+            released = tx.run_releases(request.run_id)  # this run's vocabulary release shares its allowance
             plan = plan_round(histories=tx.histories(), grant=tx.grant(request.run_id), record_ids=ids,
-                              budget=budget, request=request, server_round=server_round)
+                              budget=budget, request=request, server_round=server_round,
+                              spent_in_run=compute_epsilon(released, target_delta=budget.target_delta,
+                                                           accountant=budget.accountant))
         except BudgetExhaustedError as e:
             e.ledger_head = tx.head  # the refusal reply carries it without reading the ledger again
             raise

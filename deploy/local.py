@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from pathlib import Path
 from shared_model.run_settings import validate_run_config
 from shared_model.runners.flower_runtime import (ROOT, RunFailed, alive, default_run_config, flower_env, flwr_run,
                                                  free_port, stop_pids)
+from shared_model.runners.progress import RoundLines
 
 CONNECTION = "fedcap-deploy"
 
@@ -105,18 +107,40 @@ class LoopbackDeployment:
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
             f'root-certificates = "{self.creds / "ca.crt"}"\n')
-        self._spawn("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(self.creds / "ca.crt"),
-            "--ssl-certfile", str(self.creds / "server.pem"), "--ssl-keyfile", str(self.creds / "server.key"),
-            "--enable-supernode-auth", "--database", str(self.workdir / "state.db"),
-            "--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.port)], self.env)
-        self._wait(lambda: self._listening(), "the SuperLink to listen", "superlink", timeout)
+        self.start_superlink(timeout=timeout)
         for k in range(self.num_sites):
             self.register(k)
         for k in range(self.num_sites):
             self.start_site(k)
         self._wait(lambda: self.online_nodes() >= self.num_sites, f"{self.num_sites} SuperNodes to come online",
                    "supernode-0", timeout)
+
+    def start_superlink(self, *, timeout: float = 120) -> subprocess.Popen:
+        """`flower-superlink` on self.port with its `--database` (state.db): a SuperLink restarted
+        after a crash keeps the registered nodes, the runs and their status."""
+        proc = self._spawn("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", str(self.creds / "ca.crt"),
+            "--ssl-certfile", str(self.creds / "server.pem"), "--ssl-keyfile", str(self.creds / "server.key"),
+            "--enable-supernode-auth", "--database", str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.port)], self.env)
+        self._wait(lambda: self._listening(), "the SuperLink to listen", "superlink", timeout)
+        return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process this deployment started and its children (its process group), as a
+        crash or a pulled plug would: no clean shutdown, no deactivation message to the SuperLink."""
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        (self.workdir / "pids" / f"{name}.pid").unlink(missing_ok=True)
+
+    def wait_online(self, n: int, *, timeout: float = 120) -> None:
+        """Until the SuperLink lists exactly `n` SuperNodes online (a killed node stays listed until
+        its heartbeats lapse: 2 x 30 s in Flower 1.42)."""
+        self._wait(lambda: self.online_nodes() == n, f"{n} SuperNode(s) online", "superlink", timeout)
 
     def register(self, k: int) -> None:
         out = self._flwr("supernode", "register", str(self.creds / f"site-{k}" / "site.pub"), CONNECTION,
@@ -226,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             deployment.start()
             print(f"SuperLink on {deployment.host}:{deployment.port} (TLS, node authentication); "
                   f"{args.sites} SuperNodes online", flush=True)
-            result = deployment.run(overrides, timeout=args.timeout)
+            rounds = {**default_run_config(), **overrides}["num-server-rounds"]
+            result = deployment.run(overrides, timeout=args.timeout,
+                                    stream_to=RoundLines(sys.stdout, num_rounds=rounds))
     except (RuntimeError, ValueError, TypeError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
         print(f"deployment failed: {e}", file=sys.stderr)
         return 1

@@ -52,11 +52,14 @@ def export_sites(out: str | Path, num_sites: int, *, train_size: int = 4000, par
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.site_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--sites", type=int, default=2)
-    parser.add_argument("--train-size", type=int, default=4000)
-    parser.add_argument("--partitioner", default="dirichlet", choices=("iid", "dirichlet", "quantity"))
+    parser.add_argument("--sites", type=int, default=2, help="number of site folders (default 2)")
+    parser.add_argument("--train-size", type=int, default=4000,
+                        help="records in all sites together (default 4000)")
+    parser.add_argument("--partitioner", default="dirichlet", choices=("iid", "dirichlet", "quantity"),
+                        help="how records are split: iid gives each site the same number (default dirichlet)")
     parser.add_argument("--dirichlet-alpha", type=float, default=1.0)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64,
+                        help="image side in pixels (default 64; sites resize to the run config's image-size)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:

@@ -111,16 +111,17 @@ class RunOutputs:
 
 def _timing_section(strategy) -> list[str]:
     """Where each site's train message spent its time (seconds), per round: before the handler
-    (process start, imports, app bundle), set-up, data, training, reply; overhead = all but training."""
+    (process start, imports, app bundle), set-up, data, evaluation of the received model
+    (evaluate-in-train), training, reply; overhead = all but evaluation and training."""
     timings = getattr(strategy, "timings", {})
     if not timings:
         return []
-    phases = ("before-handler", "setup", "data", "train", "reply")
+    phases = ("before-handler", "setup", "data", "evaluate", "train", "reply")
     lines = ["", "## Where each site's train message spent its time (s)", "",
              "| round | site | " + " | ".join(phases) + " | overhead |", "|---" * (len(phases) + 3) + "|"]
     for rnd, sites in sorted(timings.items()):
         for site, t in sorted(sites.items()):
-            overhead = sum(v for k, v in t.items() if k != "train")
+            overhead = sum(v for k, v in t.items() if k not in ("train", "evaluate"))
             lines.append(f"| {rnd} | {site} | " + " | ".join(f"{t[k]:.2f}" if k in t else "" for k in phases)
                          + f" | {overhead:.2f} |")
     return lines

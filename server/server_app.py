@@ -1,5 +1,6 @@
 """FedCap ServerApp: FedAvg (or another strategy) wrapped by FedCapStrategy, server-side evaluation
 every round on data the server owns, a checkpoint per trained round, metrics and a run summary.
+With `vocab-source = "private"`, a private vocabulary round comes first (server/private_vocab.py).
 
 The run ends as failed (the ServerApp raises, so `flwr list` says finished:failed) when the run
 config is invalid (before anything is written), when the starting checkpoint cannot be loaded, or
@@ -38,13 +39,13 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, context: Context, rc: dict) -> None:
-    from shared_model.evaluation import evaluate
+    from shared_model.evaluation import Gallery, evaluate
     from shared_model.run_folder import run_dir
     from shared_model.util import utc_now
 
-    from .gallery import Gallery
     from .initial_model import initial_model, write_init_record
     from .outputs import RunOutputs
+    from .private_vocab import private_vocabulary
     from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, RoundFailed
     from .witness import FederationState, federation_state_path
@@ -52,8 +53,17 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     t0 = time.perf_counter()
     outputs = RunOutputs(run_dir(rc, context.run_id))
     outputs.save_run_config(dict(context.run_config))  # as resolved: every figure reproducible
+    federation = FederationState(federation_state_path(rc))
+    vocab_round = None
+    if rc.get("vocab-source") == "private":  # a DP vocabulary round before round 1 (server/private_vocab.py)
+        try:
+            vocab_round = private_vocabulary(grid, rc, run_id=str(context.run_id), witness=federation)
+        except RoundFailed as e:
+            raise _refuse(str(e)) from None
+        vocab_round.save(outputs.dir)
     try:  # fresh, resume-from or init-from (a pretrained checkpoint, its vocabulary included)
-        init = initial_model(rc, server_vocabulary(rc))  # vocab: operator-supplied or embedded, never pooled
+        # vocab: the sites' private release, operator-supplied or embedded; never pooled captions
+        init = initial_model(rc, vocab_round.vocab if vocab_round else server_vocabulary(rc))
         model, vocab = init.model, init.vocab
         write_init_record(outputs.dir, init)
         eval_set = server_eval_set(rc, image_size=model.config.image_size)
@@ -61,8 +71,10 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
         start = "resume-from" if rc.get("resume-from") else "init-from" if rc.get("init-from") else ""
         raise _refuse(f"{start + ': ' if start and not str(e).startswith(start) else ''}{e}") from None
     strategy = FedCapStrategy.from_run_config(rc, vocab.itos, on_evaluate=outputs.log_federated,
-                                              witness=FederationState(federation_state_path(rc)),
-                                              run_id=str(context.run_id))
+                                              witness=federation, run_id=str(context.run_id))
+    if vocab_round is not None:  # the vocabulary round bound each node to its site and may have refusals
+        strategy.node_site.update(vocab_round.node_site)
+        strategy.failures += vocab_round.failures
 
     gallery = Gallery(eval_set, outputs.dir / "gallery", size=rc.get("gallery-size", 6))
 
@@ -93,7 +105,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
         ended, failure = f"failed: {e}", e
         log.error("%s", ended)
     summary = outputs.write_summary(run_config=rc, strategy=strategy, ended=ended, seconds=time.perf_counter() - t0,
-                                    extra=gallery.section())
+                                    extra=[*(vocab_round.section() if vocab_round else []), *gallery.section()])
     print(f"FedCap run finished ({ended}); outputs: {outputs.dir}\nsummary: {summary}", flush=True)
     if failure is not None:
         raise RunFailed(f"{failure} (rounds trained: {len(strategy.trained_rounds)}; summary: {summary})") from None

@@ -10,10 +10,11 @@ import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
                                      Strategy)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from shared_model.run_settings import STRATEGIES
 
@@ -24,6 +25,15 @@ log = logging.getLogger("flwr")  # Flower's handler prints it
 # What a site reports about its budget, shown in the summary as the site reported it.
 BUDGET_METRICS = ("epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted",
                   "records-trained", "records-retired")
+
+
+def wait_for_nodes(grid: Grid, needed: int, *, timeout: float) -> int:
+    """Poll until `needed` nodes are connected or `timeout` s passed (Flower's own sampling would
+    wait forever); the number connected."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return connected
 
 
 class RoundFailed(RuntimeError):
@@ -83,8 +93,13 @@ class FedCapStrategy(Strategy):
     def __init__(self, inner: Strategy, vocab_words: list[str], on_evaluate=None, *, max_update_norm: float = 0.0,
                  max_update_norm_ratio: float = 10.0, max_num_examples: int = 10_000_000,
                  examples_cap_ratio: float = 4.0, node_wait_timeout: float = 600.0,
-                 train_metrics: tuple[str, ...] = TRAIN_METRICS, witness=None, run_id: str = "") -> None:
+                 train_metrics: tuple[str, ...] = TRAIN_METRICS, witness=None, run_id: str = "",
+                 evaluate_in_train: bool = False, num_rounds: int = 0) -> None:
         self.on_evaluate = on_evaluate
+        # federated evaluation inside the train messages (of the model each site received), and one
+        # evaluate message only after the last round: one message per site and round, not two
+        self.evaluate_in_train = bool(evaluate_in_train) and float(getattr(inner, "fraction_evaluate", 1.0)) > 0
+        self.num_rounds = int(num_rounds)
         self.witness = witness  # server.witness.FederationState, or None
         self.run_id = str(run_id)
         self.inner = inner
@@ -101,6 +116,9 @@ class FedCapStrategy(Strategy):
         self.exhausted: set[str] = set()
         self.failures: list[dict[str, Any]] = []  # every error, refusal and rejection: round, site, kind, reason
         self.trained_rounds: list[int] = []
+        self.sent: dict[int, list[Message]] = {}  # round -> its train messages, until aggregated
+        self.sent_evaluate: list[Message] = []
+        self.recipients: dict[str, int] = {}  # message id -> the node it went to (a SuperLink error names no node)
         self.timings: dict[int, dict[str, dict[str, float]]] = {}  # round -> site -> where its message's time went
 
     @classmethod
@@ -111,7 +129,9 @@ class FedCapStrategy(Strategy):
                    max_update_norm_ratio=float(run_config.get("max-update-norm-ratio", 10.0)),
                    max_num_examples=int(run_config.get("max-num-examples", 10_000_000)),
                    examples_cap_ratio=float(run_config.get("examples-cap-ratio", 4.0)),
-                   node_wait_timeout=float(run_config.get("node-wait-timeout", 600.0)))
+                   node_wait_timeout=float(run_config.get("node-wait-timeout", 600.0)),
+                   evaluate_in_train=bool(run_config.get("evaluate-in-train", True)),
+                   num_rounds=int(run_config.get("num-server-rounds", 0)))
 
     @property
     def site_epsilon(self) -> dict[str, float]:
@@ -128,12 +148,7 @@ class FedCapStrategy(Strategy):
         return messages
 
     def _connected(self, grid: Grid, needed: int) -> int:
-        """Poll until `needed` nodes are connected or `node-wait-timeout` s passed (Flower's own
-        sampling would wait forever); the number connected."""
-        deadline = time.monotonic() + self.node_wait_timeout
-        while (connected := len(list(grid.get_node_ids()))) < needed and time.monotonic() < deadline:
-            time.sleep(1.0)
-        return connected
+        return wait_for_nodes(grid, needed, timeout=self.node_wait_timeout)
 
     def expect(self, arrays: ArrayRecord) -> None:
         """The global model this round's replies are checked against."""
@@ -146,9 +161,12 @@ class FedCapStrategy(Strategy):
                               f"needed (min-train-nodes / min-available-nodes), after node-wait-timeout "
                               f"{self.node_wait_timeout:g} s")
         messages = self._with_vocab(self.inner.configure_train(server_round, arrays, config, grid))
-        if self.witness is not None:
-            for m in messages[:1]:  # one ConfigRecord shared by every message: each site finds its own head
+        self.sent[server_round] = messages  # their message ids are set when the Grid pushes them
+        for m in messages[:1]:  # one ConfigRecord shared by every message
+            if self.witness is not None:  # each site finds its own head
                 m.content["config"].update(self.witness.train_config())
+            if self.evaluate_in_train:
+                m.content["config"]["evaluate-received"] = True
         return messages
 
     def _witness(self, server_round: int, site: str, msg: Message) -> None:
@@ -160,16 +178,30 @@ class FedCapStrategy(Strategy):
                              run_id=self.run_id, server_round=server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        if self.evaluate_in_train and server_round < self.num_rounds:
+            return []  # round r's global model is evaluated in round r+1's train messages
         needed = max(int(getattr(self.inner, "min_evaluate_nodes", 0)), self.min_nodes)
         if getattr(self.inner, "fraction_evaluate", 1.0) > 0 and (connected := self._connected(grid, needed)) < needed:
             log.warning("round %d: federated evaluation skipped: %d node(s) connected, %d needed, after "
                         "node-wait-timeout %g s", server_round, connected, needed, self.node_wait_timeout)
             return []
-        return self._with_vocab(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        messages = self._with_vocab(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self.sent_evaluate = messages
+        return messages
 
     # -- who sent a reply --------------------------------------------------------------------
+    def _note_recipients(self, messages: Iterable[Message]) -> None:
+        self.recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+    def _sender(self, msg: Message) -> int:
+        """The node a reply is from; for an error the SuperLink made on a node's behalf (node
+        unavailable, message expired), the node the original message went to."""
+        if msg.has_error() and msg.metadata.reply_to_message_id in self.recipients:
+            return self.recipients[msg.metadata.reply_to_message_id]
+        return msg.metadata.src_node_id
+
     def _node_label(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
+        node = self._sender(msg)
         return self.node_site.get(node, f"node-{node}")
 
     def _site_of(self, msg: Message) -> str:
@@ -195,11 +227,19 @@ class FedCapStrategy(Strategy):
 
     # -- training ----------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies, sent = list(replies), self.sent.pop(server_round, [])
         candidates: dict[str, tuple[Message, dict[str, np.ndarray], int]] = {}
+        evaluations: list[tuple[str, Message, str]] = []
         refused = 0
+        self._note_recipients(sent)
+        answered = {self._sender(m) for m in replies}
+        for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
+            reason = "no reply within round-timeout (the node crashed, disconnected or is still training)"
+            site = self.node_site.get(node, f"node-{node}")
+            log.warning("round %d: %s (node %d): %s", server_round, site, node, reason)
+            self._fail(server_round, site, "no reply", reason, node)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if msg.has_error():
                 site = self._node_label(msg)
                 reason = f"error code {msg.error.code}: {msg.error.reason}"
@@ -211,6 +251,8 @@ class FedCapStrategy(Strategy):
             except UpdateRejected as e:
                 self._reject(server_round, self._node_label(msg), node, e)
                 continue
+            if self.evaluate_in_train and "evaluate" in msg.content:
+                evaluations.append((site, msg, "evaluate"))
             metrics = msg.content["metrics"] if "metrics" in msg.content else MetricRecord()
             if metrics.get("budget-exhausted", 0):
                 self._record_budget(site, metrics)
@@ -246,6 +288,8 @@ class FedCapStrategy(Strategy):
             self._record_timing(server_round, site, msg)
         if self.witness is not None:
             self.witness.save()
+        if evaluations:  # each site's evaluation of the model it received: round - 1's global model
+            self._evaluated(server_round - 1, evaluations)
         if len(candidates) < self.min_train_nodes:
             failed = [f for f in self.failures if f["round"] == server_round]
             detail = "; ".join(f"{f['site']} {f['kind']}: {f['reason']}" for f in failed) or "no replies"
@@ -256,6 +300,8 @@ class FedCapStrategy(Strategy):
         kept = []
         for site, (msg, _, _) in candidates.items():
             msg.content["metrics"]["num-examples"] = weights[site]  # the weight the inner strategy uses
+            if "evaluate" in msg.content:  # reported above; the inner strategy expects one MetricRecord
+                del msg.content["evaluate"]
             kept.append(msg)
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
         if arrays is None:
@@ -290,9 +336,11 @@ class FedCapStrategy(Strategy):
 
     # -- evaluation --------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, per_site = [], {}
+        self._note_recipients(self.sent_evaluate)
+        self.sent_evaluate = []
+        checked = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if msg.has_error():
                 reason = f"error code {msg.error.code}: {msg.error.reason}"
                 log.warning("round %d: evaluation at %s (node %d) failed: %s", server_round, self._node_label(msg),
@@ -300,19 +348,29 @@ class FedCapStrategy(Strategy):
                 self._fail(server_round, self._node_label(msg), "evaluate-error", reason, node)
                 continue
             try:
-                site = self._site_of(msg)
-                metrics = msg.content["metrics"] if "metrics" in msg.content else None
-                if metrics is None or not isinstance(metrics.get("num-examples"), (int, float)) \
-                        or not 1 <= metrics["num-examples"] <= self.max_num_examples:
-                    raise UpdateRejected("num-examples", metrics and metrics.get("num-examples"),
-                                         "evaluation reply without a valid num-examples")
+                checked.append((self._site_of(msg), msg, "metrics"))
             except UpdateRejected as e:
                 self._reject(server_round, self._node_label(msg), node, e)
+        return self._evaluated(server_round, checked)
+
+    def _evaluated(self, server_round: int, replies: list[tuple[str, Message, str]]) -> MetricRecord | None:
+        """Each site's held-out metrics (the MetricRecord `key` of its reply: an evaluate reply's
+        "metrics", a train reply's "evaluate"), checked, weighted by num-examples, reported."""
+        per_site, records = {}, []
+        for site, msg, key in replies:
+            metrics = msg.content[key] if key in msg.content else None
+            examples = metrics.get("num-examples") if metrics is not None else None
+            if not isinstance(examples, (int, float)) or not 1 <= examples <= self.max_num_examples:
+                self._reject(server_round, site, self._sender(msg),
+                             UpdateRejected("num-examples", examples, "evaluation without a valid num-examples"))
                 continue
             per_site[site] = {k: float(v) for k, v in metrics.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            valid.append(msg)
-        aggregated = self.inner.aggregate_evaluate(server_round, valid) if valid else None
-        if self.on_evaluate is not None and per_site:
+            records.append(RecordDict({"metrics": metrics}))
+        if not records:
+            return None
+        aggregate = getattr(self.inner, "evaluate_metrics_aggr_fn", aggregate_metricrecords)
+        aggregated = aggregate(records, getattr(self.inner, "weighted_by_key", "num-examples"))
+        if self.on_evaluate is not None:
             self.on_evaluate(server_round, per_site, dict(aggregated) if aggregated else {})
         return aggregated

@@ -155,6 +155,10 @@ RUN_CONFIG: dict[str, Setting] = {
     "server-eval-data": STR,
     "server-eval-format": _choice(*DATASET_FORMATS),
     "vocab-file": STR,
+    "vocab-source": _choice("server", "private"),
+    "vocab-noise-multiplier": POSITIVE,
+    "vocab-max-words-per-record": _int(1),
+    "vocab-delta": PROBABILITY_OPEN,
     "eval-beam-size": _int(1),
     # model
     "image-size": _int(16),
@@ -173,6 +177,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "output-dir": Setting(str, nonempty=True),
     "site-state-dir": STR,
     "resume-from": STR,
+    "evaluate-in-train": BOOL,
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,
     # empirical privacy audit
@@ -191,6 +196,7 @@ NODE_CONFIG: dict[str, Setting] = {
     "dataset-format": _choice(*DATASET_FORMATS),
     "skip-bad-records": BOOL,
     "state-dir": Setting(str, nonempty=True),
+    "non-private": BOOL,          # deployment: the site trains without DP (dp = false runs only)
     "ledger-mirror-dir": STR,
     "min-records": _int(1),
     "num-threads": _int(1),
@@ -227,6 +233,14 @@ def validate_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     if rc.get("init-from") and rc.get("resume-from"):
         raise ValueError(f"init-from and resume-from exclude each other, got init-from {rc['init-from']!r} and "
                          f"resume-from {rc['resume-from']!r}")
+    if rc.get("vocab-source") == "private":
+        clash = [f"{k} {rc[k]!r}" for k in ("vocab-file", "init-from", "resume-from") if rc.get(k)]
+        if clash:
+            raise ValueError(f"vocab-source 'private' builds the vocabulary from the sites' released counts and a "
+                             f"fresh model; it excludes {', '.join(clash)}")
+        if rc.get("dp") is False:
+            raise ValueError("vocab-source 'private' spends the sites' privacy budgets and needs dp = true, got "
+                             "dp = false")
     return rc
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from shared_model.run_settings import validate_run_config
 from shared_model.runners.flower_runtime import (ROOT, RunFailed, default_run_config, flower_env, flwr_run,
                                                  stop_superlink, superlink_pids, toml_value)
+from shared_model.runners.progress import RoundLines
 
 PATH_KEYS = ("site-state-dir", "federation-state", "resume-from", "init-from", "vocab-file", "server-eval-data")
 DEFAULT_FEDERATION = {"num-supernodes": 4, "client-resources-num-cpus": 1}
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     running_before = bool(superlink_pids(flwr_home))
     try:
         overrides, public = _public_start(args)
+        rounds = {**default_run_config(), **load_scenario(args.scenarios)[0], **overrides}["num-server-rounds"]
         result = run_simulation(args.scenarios, output_dir=args.output_dir, timeout=args.timeout,
-                                overrides=overrides)
+                                overrides=overrides, stream_to=RoundLines(sys.stdout, num_rounds=rounds))
     except (RuntimeError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"simulation failed: {e}", file=sys.stderr)
         return 1

@@ -170,6 +170,22 @@ def test_witnessed_heads_missing_or_behind_are_failures(run_dir, tmp_path, capsy
     assert "FAILURE [witness-missing] site-0" in out and "FAILURE [witness-missing] site-1" in out
 
 
+def test_a_site_checks_only_its_own_witnessed_head(run_dir, tmp_path, capsys):
+    lines = (run_dir / "sites/site-0/ledger.jsonl").read_text().splitlines()
+    other = {"head": "0" * 64, "records": 3, "run_id": "run-2"}  # another site's ledger, not here
+    state = tmp_path / "federation-state.json"
+    state.write_text(json.dumps({"format": "fedcap-federation-state/1", "sites": {
+        "site-0": {"head": json.loads(lines[-1])["hash"], "records": len(lines), "run_id": "run-2"},
+        "hospital-b": other}}))
+    own = str(run_dir / "sites/site-0")
+    assert main(["audit", own, "--federation-state", str(state)]) == 1  # hospital-b's ledger is not audited here
+    assert main(["audit", own, "--federation-state", str(state), "--site", "site-0"]) == 0
+    capsys.readouterr()
+    assert main(["audit", own, "--federation-state", str(state), "--site", "site-9"]) == 2
+    assert "witnesses no site named site-9" in capsys.readouterr().out
+    assert main(["audit", own, "--site", "site-0"]) == 2  # --site without --federation-state
+
+
 def test_accountant_disagreement_is_a_warning_unless_strict(run_dir, capsys):
     # prv and pld differ by ~0.3% here: a tolerance below that must warn
     assert main(["audit", str(run_dir), "--tolerance", "1e-5"]) == 0

@@ -95,7 +95,8 @@ def test_loopback_deployment_with_tls_and_node_auth(tmp_path):
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     federated = [json.loads(line) for line in (run_dir / "federated.jsonl").read_text().splitlines()]
-    assert [sorted(r["sites"]) for r in federated] == [["site-0", "site-1"]] * 2  # names from node_config
+    assert [r["round"] for r in federated] == [0, 1, 2]  # 0 and 1 inside the train messages (evaluate-in-train)
+    assert [sorted(r["sites"]) for r in federated] == [["site-0", "site-1"]] * 3  # names from node_config
     witnessed = json.loads((deployment.workdir / "server" / "federation-state.json").read_text())["sites"]
     summary = (run_dir / "summary.md").read_text()
     for k in range(2):

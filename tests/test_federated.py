@@ -50,7 +50,9 @@ def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites
     assert cider[-1] > cider[0] + 0.1 and rows[-1]["loss"] < rows[0]["loss"]
     assert not (run_dir / "sites").exists()  # non-private: no ledger records
     federated = [json.loads(line) for line in (run_dir / "federated.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in federated] == [1, 2, 3]
+    # evaluate-in-train: rounds 0-2 are evaluated inside the next round's train messages, round 3 by
+    # the one evaluate message after the last round
+    assert [r["round"] for r in federated] == [0, 1, 2, 3]
     assert all(set(r["sites"]) == {"site-0", "site-1"} for r in federated)
     held_out = [r["sites"]["site-0"]["num-examples"] for r in federated]
     assert held_out[0] > 0 and len(set(held_out)) == 1  # the same held-out split every round
@@ -226,3 +228,44 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_hom
         lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
         assert [r["kind"] for r in lines] == ["grant", "dp-sgd", "dp-sgd"]
         assert {r["init_checkpoint"] for r in lines} == {checkpoint_sha256(checkpoint)}  # the ledger names it
+
+
+def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr_home, sites2):
+    from shared_model.data import Vocabulary
+    from shared_model.privacy import audit
+
+    result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
+                            overrides=overrides(num_server_rounds=1, local_epochs=1, vocab_source="private",
+                                                vocab_noise_multiplier=1.0, vocab_max_words_per_record=6,
+                                                target_epsilon=16.0, run_epsilon=8.0))
+    run_dir = result["run_dir"]
+    vocab = Vocabulary.load(run_dir / "vocab.json")
+    assert 10 < len(vocab) and vocab == Vocabulary.load(run_dir / "checkpoints" / "round-0001" / "vocab.json")
+    for site in ("site-0", "site-1"):
+        lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
+        assert [r["kind"] for r in lines] == ["vocab-gaussian", "grant", "dp-sgd"]
+        release, grant, trained = lines
+        assert release["noise_multiplier"] == 1.0 and release["max_words_per_record"] == 6
+        assert release["words_released"] > 5 and release["records_counted"] > 0
+        assert grant["spent_before"] == release["epsilon"] and trained["epsilon"] > release["epsilon"]
+        assert grant["granted_epsilon"] == pytest.approx(8.0 - release["epsilon"])  # the run's allowance, shared
+    report = audit([run_dir], accountants=("rdp", "pld"))
+    assert report.status == "ok"
+    for s in report.sites:
+        first = s.checks[0]
+        assert first.kind == "vocab-gaussian" and first.recomputed_epsilon == pytest.approx(first.recorded_epsilon)
+        assert s.vocab_releases == 1 and s.threshold_delta == 1e-7
+    assert main(["audit", str(run_dir)]) == 0
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Private vocabulary (before round 1)" in summary and "| site-0 |" in summary
+
+
+def test_a_private_vocabulary_without_words_fails_the_run_by_name(tmp_path, flwr_home, sites2):
+    with pytest.raises(RunFailed) as err:
+        run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
+                       overrides=overrides(num_server_rounds=1, vocab_source="private", vocab_noise_multiplier=50.0))
+    assert err.value.status == "finished:failed"
+    assert "no word cleared any site's threshold (vocab-noise-multiplier 50" in err.value.log
+    for site in ("site-0", "site-1"):  # the release was spent and recorded all the same
+        lines = PrivacyLedger(err.value.run_dir / "sites" / site / "ledger.jsonl").records()
+        assert [r["kind"] for r in lines] == ["vocab-gaussian"] and lines[0]["words_released"] == 0

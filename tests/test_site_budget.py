@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_config
 
 from client.settings import site_budget, witnessed_head
+from shared_model.run_settings import validate_node_config
 from client.trainer import LocalTraining, train_round
 from shared_model.data import load_embedded, synthetic_vocabulary
 from shared_model.model import Captioner
@@ -136,3 +137,26 @@ def test_a_delta_above_one_over_n_is_refused(tmp_path):
     budget = SiteBudget(target_epsilon=8.0, target_delta=0.05, accountant="rdp")
     with pytest.raises(ValueError, match=r"target-delta 0.05 is above 1/\(number of records\)"):
         run(PrivacyLedger(tmp_path / "ledger.jsonl"), data(30), budget=budget)
+
+
+def test_a_non_private_deployed_site_is_the_sites_own_choice(tmp_path):
+    """Issue 13: the documented non-private baseline. Only the site's node_config can opt out; such
+    a site has no budget, joins dp = false runs only, and never shares a state-dir with a DP ledger."""
+    run_config = {"dp": False, "max-grad-norm": 1.0, "noise-multiplier": 0.0}
+    node = {"site-name": "a", "data-dir": "/data", "state-dir": str(tmp_path / "np"), "non-private": True}
+    assert site_budget(run_config, node) is None
+    with pytest.raises(ValueError, match=r"run asks dp = true"):
+        site_budget({**run_config, "dp": True}, node)
+    with pytest.raises(ValueError, match=r"non-private = true and \['target-epsilon'\]"):
+        site_budget(run_config, {**node, "target-epsilon": 8.0})
+    dp_state = tmp_path / "dp"
+    dp_state.mkdir()
+    (dp_state / "ledger.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"holds a DP ledger"):
+        site_budget(run_config, {**node, "state-dir": str(dp_state)})
+    # without the opt-out a deployed site has a budget whatever the run config says
+    with pytest.raises(ValueError, match=r"node_config lacks"):
+        site_budget(run_config, {"site-name": "a", "data-dir": "/data"})
+    assert validate_node_config(node)["non-private"] is True
+    with pytest.raises((TypeError, ValueError), match="non-private"):
+        validate_node_config({**node, "non-private": "yes"})

@@ -226,3 +226,32 @@ def test_build_strategy_selects_the_robust_strategies():
     with pytest.raises(ValueError, match="min-train-nodes must be >= 4 x num-malicious-nodes \\+ 3 = 11 for bulyan, "
                                          "got 7"):
         build_strategy({**rc, "strategy": "bulyan", "num-malicious-nodes": 2})
+
+
+def test_evaluation_inside_train_replies_reports_the_received_model(global_model):
+    """evaluate-in-train: round r's train replies carry each site's held-out metrics of the model it
+    received (round r-1's global model); evaluate messages go out only after the last round."""
+    seen = []
+    s = strategy(global_model, on_evaluate=lambda r, per_site, mean: seen.append((r, per_site, mean)),
+                 evaluate_in_train=True, num_rounds=3)
+    replies = []
+    for node, (cider, n) in {1: (0.5, 10), 2: (1.0, 30)}.items():
+        r = reply(node, honest(global_model, node))
+        r.content["evaluate"] = MetricRecord({"CIDEr-D": cider, "num-examples": n})
+        replies.append(r)
+    forged = reply(3, honest(global_model, 3), site="site-1")  # claims node 1's site: rejected, not counted
+    forged.content["evaluate"] = MetricRecord({"CIDEr-D": 99.0, "num-examples": 1000})
+    s.aggregate_train(2, replies + [forged])
+    (rnd, per_site, mean), = seen
+    assert rnd == 1 and set(per_site) == {"site-1", "site-2"}
+    assert mean["CIDEr-D"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    assert all("evaluate" not in r.content for r in replies)  # the inner strategy saw one MetricRecord each
+    good, bad = reply(1, honest(global_model, 1)), reply(2, honest(global_model, 2))
+    good.content["evaluate"] = MetricRecord({"CIDEr-D": 0.7, "num-examples": 10})
+    bad.content["evaluate"] = MetricRecord({"CIDEr-D": 1.0, "num-examples": 0})
+    s.aggregate_train(3, [good, bad])
+    assert seen[-1][0] == 2 and set(seen[-1][1]) == {"site-1"}
+    assert any(f["kind"] == "rejected" and "num-examples" in f["reason"] for f in s.failures)
+    # no evaluate messages before the last round; a grid is only needed from the last round on
+    assert s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None) == []
+    assert s.configure_evaluate(2, ArrayRecord(), ConfigRecord(), grid=None) == []

@@ -1,4 +1,5 @@
-"""Caption metrics (pycocoevalcap), model evaluation and the canaries of the empirical audit.
+"""Caption metrics (pycocoevalcap), model evaluation, caption galleries and the canaries of the empirical
+audit.
 
 Names resolve lazily (shared_model/lazy.py): importing the wing imports no heavy library."""
 
@@ -7,6 +8,7 @@ from shared_model.lazy import lazy_exports
 _MODULES = {  # submodule: its public names
     'canaries': ('CAPTION_WORDS', 'PATTERN_CELLS', 'append_records', 'canary_scores', 'draw_membership',
                  'included_canaries', 'make_canaries'),
+    'gallery': ('GALLERY_SIZE', 'Gallery', 'write_gallery'),
     'evaluator': ('evaluate', 'generate_captions', 'mean_caption_loss'),
     'metrics': ('METRIC_NAMES', 'caption_metrics', 'trivial_baseline_predictions'),
 }

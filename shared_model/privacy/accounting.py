@@ -16,6 +16,10 @@ Accountants (all compose every event of a dataset's whole history):
   "pld"  Google dp_accounting privacy-loss-distribution accountant (numerical, tight)
   "dp-rdp"  Google dp_accounting RDP accountant
 Opacus's GDP accountant under-reports epsilon for these mechanisms and is not offered.
+
+A plain Gaussian release over the whole dataset (the private vocabulary round) is the same event
+with sample_rate 1 and one step (`gaussian_event`), composed with the DP-SGD events by the same
+accountants.
 """
 
 from __future__ import annotations
@@ -48,12 +52,24 @@ class DPSGDEvent:
             raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
 
     def to_dp_event(self):
-        """The same mechanism as a dp_accounting DpEvent."""
+        """The same mechanism as a dp_accounting DpEvent (sampling at rate 1 is no sampling: the
+        Gaussian mechanism itself, composed `steps` times)."""
         import dp_accounting
 
+        if self.sample_rate == 1:
+            return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(self.noise_multiplier), self.steps)
         return dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)),
             self.steps)
+
+
+def gaussian_event(*, noise_multiplier: float) -> DPSGDEvent:
+    """One Gaussian mechanism over the whole dataset, noise standard deviation `noise_multiplier` x
+    its L2 sensitivity (e.g. the private vocabulary release, vocab_release.py): a DPSGDEvent that
+    samples every record (sample_rate 1, one step), which every accountant here treats as the plain
+    Gaussian mechanism (dp_accounting: GaussianDpEvent(noise_multiplier)), so it composes with the
+    DP-SGD events of a record's history through the same signatures and caches."""
+    return DPSGDEvent(sample_rate=1.0, noise_multiplier=noise_multiplier, steps=1)
 
 
 Signature = tuple[tuple[float, float, int], ...]  # sorted (sample_rate, noise_multiplier, steps), merged
@@ -126,7 +142,9 @@ def _opacus_epsilon(events: Sequence[DPSGDEvent], delta: float, name: str) -> fl
 
     acc = PRVAccountant()
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():  # sample_rate 1 (a Gaussian release): log(1 - q) = -inf, handled by numpy
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
+        return float(acc.get_epsilon(delta=delta))
 
 
 def _opacus_rdp_epsilon(events: Sequence[DPSGDEvent], delta: float) -> float:

@@ -15,7 +15,10 @@ MECHANISM = ("Privacy unit: one record (an image with all its captions) at one s
              "Mechanism: per dp-sgd ledger line, `steps` DP-SGD steps, each a Poisson-sampled Gaussian "
              "(SelfComposed(PoissonSampled(sample_rate, Gaussian(noise_multiplier)), steps)) over the records of "
              "the line's membership file; a record's epsilon composes every line whose membership holds it, across "
-             "rounds, runs and dataset changes. Epsilon columns give the largest per-record epsilon.")
+             "rounds, runs and dataset changes. A vocab-gaussian line (private vocabulary release) is one Gaussian "
+             "mechanism (noise_multiplier x sqrt(max_words_per_record)) over the word counts of its membership's "
+             "records, composed the same way; its threshold_delta adds to those records' delta. Epsilon columns "
+             "give the largest per-record epsilon.")
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -42,6 +45,12 @@ def _finding_lines(result: AuditResult) -> list[str]:
     return [f"{f.severity.upper()} [{f.kind}] {f.site}: {f.message}" for f in result.findings]
 
 
+def _vocab_lines(result: AuditResult) -> list[str]:
+    return [f"{s.site}: {s.vocab_releases} private vocabulary release(s), recomputed with the rounds; their "
+            f"thresholding adds delta {s.threshold_delta:g} (a record's guarantee: delta {s.target_delta:g} + "
+            f"{s.threshold_delta:g})" for s in result.sites if not s.error and s.vocab_releases]
+
+
 def format_table(result: AuditResult) -> str:
     """Plain text: aligned columns, then every finding, then the overall status."""
     header, rows = table_rows(result)
@@ -52,7 +61,7 @@ def format_table(result: AuditResult) -> str:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return "  ".join(cells).rstrip()
 
-    out = [line(header), line(["-" * w for w in widths]), *map(line, rows), ""]
+    out = [line(header), line(["-" * w for w in widths]), *map(line, rows), *_vocab_lines(result), ""]
     out += _finding_lines(result) or ["no findings"]
     out.append(f"status: {result.status} (eps: the largest per-record epsilon at the site's target_delta; remaining = "
                f"budget - that, with the site's accountant; retired: records left out of the last round; tolerance "
@@ -75,7 +84,7 @@ def write_report(result: AuditResult, out_dir: str | Path) -> Path:
     header, rows = table_rows(result)
     md = ["# FedCap privacy-budget audit", "", f"Status: **{result.status}**", "",
           "| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(r) + " |" for r in rows),
-          "", "## Findings", ""]
+          *(["", *(f"- {v}" for v in _vocab_lines(result))] if _vocab_lines(result) else []), "", "## Findings", ""]
     md += [f"- {line}" for line in _finding_lines(result)] or ["None."]
     md += ["", "## What was recomputed", "", MECHANISM, "",
            f"Accountants: {', '.join(result.accountants)} (prv: Opacus PRV, tight; pld: dp_accounting PLD, tight; "
@@ -98,7 +107,7 @@ def write_report(result: AuditResult, out_dir: str | Path) -> Path:
         if s.checks:
             md += ["", "| round | line | run | server round | trained | retired | recorded epsilon | recomputed |",
                    "|---|---|---|---|---|---|---|---|"]
-            md += [f"| {i} | {c.line} | {c.run_id} | {c.server_round} | {c.records_trained} | {c.records_retired} | "
+            md += [f"| {i} | {c.line} | {c.run_id} | {c.server_round if c.kind == 'dp-sgd' else 'vocabulary'} | {c.records_trained} | {c.records_retired} | "
                    f"{c.recorded_epsilon:.6f} | {_num(c.recomputed_epsilon, 6)} |" for i, c in enumerate(s.checks, 1)]
     if _plot(result, out / "epsilon.png"):
         md += ["", "![Recomputed cumulative epsilon per round](epsilon.png)"]
@@ -126,7 +135,7 @@ def _plot(result: AuditResult, path: Path) -> bool:
         drawn = True
     if drawn:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("training round in the site's history (dp-sgd ledger line, all runs)")
+        ax.set_xlabel("event in the site's history (dp-sgd or vocab-gaussian ledger line, all runs)")
         ax.set_ylabel("largest per-record epsilon, recomputed")
         ax.set_title("Spent epsilon per site (dashed: budget)")
         ax.legend(fontsize="small")

@@ -8,7 +8,10 @@ neighbours. Each "dp-sgd" line is one round's mechanism (`steps` Poisson-sampled
 chain covers it: membership.py). A record's epsilon composes every event whose membership holds it,
 across rounds, runs, restarts and whatever else was added or removed meanwhile (individual.py).
 Each "grant" line opens a run: the per-run allowance the site granted and the noise multiplier it
-calibrated to that allowance over the run plan (site_budget.py).
+calibrated to that allowance over the run plan (site_budget.py). Each "vocab-gaussian" line is one
+private vocabulary release (vocab_release.py): a Gaussian mechanism over the word counts of the
+records in its membership (noise_multiplier x sqrt(max_words_per_record)), thresholded at the site
+with `threshold_delta`; in a record's history it is one more event (accounting.gaussian_event).
 
 Common fields: format, kind, run_id, time (UTC), prev_hash, hash. `hash` is the SHA-256 of the
 line's canonical JSON without `hash`; `prev_hash` is the previous line's hash (64 zeros for the
@@ -35,7 +38,7 @@ from typing import Any, Iterator
 
 from shared_model.util import atomic_write, utc_now
 
-from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
+from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, gaussian_event
 from .individual import RecordHistories
 from .membership import MembershipError, MembershipStore
 
@@ -50,7 +53,11 @@ FIELDS = {
     "dp-sgd": COMMON + ("server_round", "membership", "membership_sha256", "records_trained", "records_retired",
                         "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "target_epsilon",
                         "target_delta", "accountant", "epsilon", "init_checkpoint"),
+    "vocab-gaussian": COMMON + ("membership", "membership_sha256", "records_counted", "records_retired",
+                                "noise_multiplier", "max_words_per_record", "threshold", "threshold_delta",
+                                "words_released", "target_epsilon", "target_delta", "accountant", "epsilon"),
 }
+EVENT_KINDS = ("dp-sgd", "vocab-gaussian")  # lines that are a mechanism over the records of their membership
 MIGRATE_HINT = "migrate it with `fedcap ledger migrate STATE_DIR --data-dir DIR --format FORMAT` (docs/privacy.md)"
 
 
@@ -79,6 +86,9 @@ def record_hash(record: dict[str, Any]) -> str:
 
 
 def record_event(record: dict[str, Any]) -> DPSGDEvent:
+    """The mechanism of an event line (dp-sgd or vocab-gaussian) as an accounting event."""
+    if record["kind"] == "vocab-gaussian":
+        return gaussian_event(noise_multiplier=record["noise_multiplier"])
     return DPSGDEvent(sample_rate=record["sample_rate"], noise_multiplier=record["noise_multiplier"],
                       steps=record["steps"])
 
@@ -107,7 +117,13 @@ def _check_record(record: Any, where: str) -> None:
         raise LedgerError(f"{where}: target_delta must be in (0, 1), got {record['target_delta']!r}")
     if not (_number(record["target_epsilon"]) and record["target_epsilon"] > 0):
         raise LedgerError(f"{where}: target_epsilon must be a number > 0, got {record['target_epsilon']!r}")
-    if kind == "dp-sgd":
+    if kind == "vocab-gaussian":
+        if not (_number(record["threshold_delta"]) and 0 < record["threshold_delta"] < 1):
+            raise LedgerError(f"{where}: threshold_delta must be in (0, 1), got {record['threshold_delta']!r}")
+        if not (isinstance(record["max_words_per_record"], int) and record["max_words_per_record"] >= 1):
+            raise LedgerError(f"{where}: max_words_per_record must be an int >= 1, got "
+                              f"{record['max_words_per_record']!r}")
+    if kind in EVENT_KINDS:
         if not (_number(record["epsilon"]) and record["epsilon"] >= 0):
             raise LedgerError(f"{where}: epsilon must be a number >= 0, got {record['epsilon']!r}")
         try:
@@ -157,11 +173,12 @@ def load_federation_state(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def build_histories(records: list[dict[str, Any]], store: MembershipStore,
                     ) -> tuple[RecordHistories, list[list[int]]]:
-    """Replay every dp-sgd line: the record histories after the whole ledger, and for each line the
-    groups that took part in it ([] for other kinds). Membership files are verified on the way."""
+    """Replay every event line (dp-sgd, vocab-gaussian): the record histories after the whole
+    ledger, and for each line the groups that took part in it ([] for grants). Membership files are
+    verified on the way."""
     histories, touched = RecordHistories(), []
     for n, r in enumerate(records, 1):
-        if r["kind"] != "dp-sgd":
+        if r["kind"] not in EVENT_KINDS:
             touched.append([])
             continue
         try:
@@ -169,7 +186,7 @@ def build_histories(records: list[dict[str, Any]], store: MembershipStore,
             sha = store.file_sha256(r["membership"])
         except MembershipError as e:
             raise LedgerError(f"ledger line {n}: {e}") from None
-        if sha != r["membership_sha256"] or len(members) != r["records_trained"]:
+        if sha != r["membership_sha256"] or len(members) != r.get("records_trained", r.get("records_counted")):
             raise LedgerError(f"ledger line {n}: membership file {store.path(r['membership'])} does not match the "
                               f"hash or record count the ledger line holds")
         touched.append(histories.add(record_event(r), r["membership"], members))
@@ -259,7 +276,11 @@ class LedgerTransaction:
         return self._histories
 
     def last_membership(self) -> str | None:
-        return next((r["membership"] for r in reversed(self.records) if r["kind"] == "dp-sgd"), None)
+        return next((r["membership"] for r in reversed(self.records) if r["kind"] in EVENT_KINDS), None)
+
+    def run_releases(self, run_id: str) -> list[DPSGDEvent]:
+        """The private vocabulary releases of run `run_id` (spent before its first round)."""
+        return [record_event(r) for r in self.records if r["kind"] == "vocab-gaussian" and r["run_id"] == str(run_id)]
 
     def grant(self, run_id: str) -> dict[str, Any] | None:
         return next((r for r in self.records if r["kind"] == "grant" and r["run_id"] == str(run_id)), None)
@@ -280,13 +301,30 @@ class LedgerTransaction:
             "target_delta": float(target_delta), "accountant": accountant, "epsilon": float(epsilon),
             "init_checkpoint": str(init_checkpoint)})
 
+    def append_vocab_release(self, *, run_id: str, members: list[str], retired: int, noise_multiplier: float,
+                             max_words_per_record: int, threshold: float, threshold_delta: float,
+                             words_released: int, target_epsilon: float, target_delta: float, accountant: str,
+                             epsilon: float) -> dict[str, Any]:
+        """One private vocabulary release over the word counts of `members` (vocab_release.py).
+        `epsilon` is the largest cumulative epsilon among `members` after it, as checked."""
+        store = self.ledger.membership
+        version = store.put(members, base=self.last_membership())
+        return self.append({
+            "kind": "vocab-gaussian", "run_id": str(run_id), "membership": version,
+            "membership_sha256": store.file_sha256(version), "records_counted": len(set(members)),
+            "records_retired": int(retired), "noise_multiplier": float(noise_multiplier),
+            "max_words_per_record": int(max_words_per_record), "threshold": float(threshold),
+            "threshold_delta": float(threshold_delta), "words_released": int(words_released),
+            "target_epsilon": float(target_epsilon), "target_delta": float(target_delta), "accountant": accountant,
+            "epsilon": float(epsilon)})
+
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         record = {"format": FORMAT, **fields, "time": utc_now(), "prev_hash": self.head[0]}
         record["hash"] = record_hash(record)
         _check_record(record, f"new line for {self.ledger.path}")
         self.ledger._write([*self.records, record])
         self.records = [*self.records, record]
-        if self._histories is not None and record["kind"] == "dp-sgd":
+        if self._histories is not None and record["kind"] in EVENT_KINDS:
             self._histories.add(record_event(record), record["membership"],
                                 self.ledger.membership.load(record["membership"]))
         return record

@@ -3,7 +3,10 @@
 Privacy unit and mechanism are those of accounting.py: one record (an image with its captions) at
 one site, add/remove neighbours; each "dp-sgd" ledger line is `steps` Poisson-sampled Gaussian
 steps over the records of its membership file, and a record's privacy loss composes every line
-whose membership holds it (individual.py), across rounds, runs and dataset changes.
+whose membership holds it (individual.py), across rounds, runs and dataset changes. A
+"vocab-gaussian" line (a private vocabulary release, vocab_release.py) is one Gaussian mechanism
+over the records of its membership and is replayed and checked like a dp-sgd line; its thresholding
+delta is summed per site (`threshold_delta`: what it adds to the records' delta).
 
 For each site ledger the audit
 - verifies the file (format, fields, hash chain) and every membership file it cites (each must
@@ -35,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 from .accounting import ACCOUNTANTS
 from .individual import max_signature_epsilon
-from .ledger import LedgerError, PrivacyLedger, build_histories, load_federation_state
+from .ledger import EVENT_KINDS, LedgerError, PrivacyLedger, build_histories, load_federation_state
 
 DEFAULT_ACCOUNTANTS = ("prv", "rdp", "pld")
 TIGHT = ("prv", "pld")
@@ -67,6 +70,7 @@ class LineCheck:
     records_retired: int
     recorded_epsilon: float
     recomputed_epsilon: float | None  # largest cumulative epsilon among the line's records; None: failed
+    kind: str = "dp-sgd"              # or "vocab-gaussian"
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class SiteAudit:
     spent_epsilon: float | None = None      # the site's accountant
     remaining: float | None = None          # budget - spent (for the most-spent record)
     grants: list[RunGrant] = field(default_factory=list)
+    vocab_releases: int = 0                 # vocab-gaussian lines
+    threshold_delta: float = 0.0            # their thresholding deltas, summed: added to a record's delta at most
     checks: list[LineCheck] = field(default_factory=list)
     status: str = "ok"
 
@@ -146,10 +152,15 @@ def find_ledgers(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
 
 def audit(paths: Sequence[str | Path], *, accountants: Sequence[str] = DEFAULT_ACCOUNTANTS,
           tolerance: float = TOLERANCE, record_tolerance: float = RECORD_TOLERANCE,
-          federation_state: str | Path | None = None, progress=None) -> AuditResult:
+          federation_state: str | Path | None = None, witness_sites: Sequence[str] | None = None,
+          progress=None) -> AuditResult:
     """Audit every ledger found under `paths` (see find_ledgers), and with `federation_state` check
-    every witnessed head. `progress(done, total, site)` is called after each site."""
+    every witnessed head, or only those of `witness_sites` (names as the server witnessed them: each
+    site's node_config site-name), e.g. a site auditing its own ledger. `progress(done, total, site)`
+    is called after each site."""
     accountants = tuple(accountants)
+    if witness_sites and federation_state is None:
+        raise ValueError("--site needs --federation-state")
     bad = [a for a in accountants if a not in ACCOUNTANTS]
     if not accountants or bad:
         raise ValueError(f"accountants must be among {ACCOUNTANTS}, got {list(accountants)}")
@@ -167,12 +178,14 @@ def audit(paths: Sequence[str | Path], *, accountants: Sequence[str] = DEFAULT_A
         if progress is not None:
             progress(k, len(ledgers), site)
     if federation_state is not None:
-        findings += check_witnessed_heads(federation_state, hashes)
+        findings += check_witnessed_heads(federation_state, hashes, only=witness_sites)
     return AuditResult(sites, findings, accountants, float(tolerance), float(record_tolerance))
 
 
-def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[str]]) -> list[Finding]:
-    """A failure for every witnessed (site, head, line count) that no audited ledger holds."""
+def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[str]],
+                          only: Sequence[str] | None = None) -> list[Finding]:
+    """A failure for every witnessed (site, head, line count) that no audited ledger holds; with
+    `only`, for those sites alone (a name the file does not hold is an error)."""
     path = Path(federation_state)
     try:
         if not path.is_file():
@@ -180,6 +193,13 @@ def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[s
         witnessed = load_federation_state(path)
     except ValueError as e:
         return [Finding("error", "malformed-ledger", "(federation)", str(e))]
+    if only:
+        unknown = sorted(set(only) - set(witnessed))
+        if unknown:
+            return [Finding("error", "malformed-ledger", "(federation)",
+                            f"{path} witnesses no site named {', '.join(unknown)} (it holds: "
+                            f"{', '.join(sorted(witnessed)) or 'none'})")]
+        witnessed = {site: w for site, w in witnessed.items() if site in set(only)}
     findings = []
     for site, w in sorted(witnessed.items()):
         count, head = int(w["records"]), str(w["head"])
@@ -206,11 +226,11 @@ def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance
         findings.append(Finding(severity, kind, site, message, line))
 
     out = SiteAudit(site, str(path), last_hash=records[-1]["hash"] if records else None, lines=len(records))
-    rows = [(n, r, touched[n - 1]) for n, r in enumerate(records, 1) if r["kind"] == "dp-sgd"]
+    rows = [(n, r, touched[n - 1]) for n, r in enumerate(records, 1) if r["kind"] in EVENT_KINDS]
     out.grants = [RunGrant(r["run_id"], r["requested_epsilon"], r["granted_epsilon"], r["noise_multiplier"],
                            r["spent_before"]) for r in records if r["kind"] == "grant"]
     prefixes: dict[int, list] = {}  # group -> its signature after each event of its history
-    for k, (n, r, groups) in enumerate(rows):  # the k-th dp-sgd line is event k of the histories
+    for k, (n, r, groups) in enumerate(rows):  # the k-th event line is event k of the histories
         sigs = []
         for g in groups:  # a group made by a later split inherits the history before it
             if g not in prefixes:
@@ -218,9 +238,11 @@ def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance
             sigs.append(prefixes[g][bisect_left(histories.history[g], k)])
         recomputed, err = _try(lambda: max_signature_epsilon(sigs, target_delta=r["target_delta"],
                                                              accountant=r["accountant"]))
-        out.checks.append(LineCheck(n, r["run_id"], r["server_round"], r["accountant"], r["target_epsilon"],
-                                    r["target_delta"], r["records_trained"], r["records_retired"], r["epsilon"],
-                                    recomputed))
+        vocab = r["kind"] == "vocab-gaussian"
+        out.checks.append(LineCheck(n, r["run_id"], 0 if vocab else r["server_round"], r["accountant"],
+                                    r["target_epsilon"], r["target_delta"],
+                                    r["records_counted"] if vocab else r["records_trained"], r["records_retired"],
+                                    r["epsilon"], recomputed, r["kind"]))
         if err:
             flag("failure", "unverifiable", f"line {n}: cannot recompute epsilon with the site's accountant "
                                             f"{r['accountant']!r}: {err}", n)
@@ -232,9 +254,12 @@ def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance
             flag("failure", "budget-exceeded", f"line {n}: a record reached epsilon {recomputed:.6g} "
                                                f"({r['accountant']}, delta {r['target_delta']:g}) > target_epsilon "
                                                f"{r['target_epsilon']:g}", n)
+    vocab_lines = [r for _, r, _ in rows if r["kind"] == "vocab-gaussian"]
+    out.vocab_releases, out.threshold_delta = len(vocab_lines), sum(r["threshold_delta"] for r in vocab_lines)
     if rows:
         latest = rows[-1][1]
-        out.rounds, out.run_ids = len(rows), list(dict.fromkeys(r["run_id"] for _, r, _ in rows))
+        out.rounds = sum(r["kind"] == "dp-sgd" for _, r, _ in rows)
+        out.run_ids = list(dict.fromkeys(r["run_id"] for _, r, _ in rows))
         out.records, out.records_retired = len(histories.group_of), latest["records_retired"]
         out.accountant, out.target_epsilon, out.target_delta = (latest["accountant"], latest["target_epsilon"],
                                                                 latest["target_delta"])

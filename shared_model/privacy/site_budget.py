@@ -10,7 +10,8 @@ that remain. Because retiring changes the sample rate (fewer records, a higher r
 iterated to a fixed point. Fewer than `min_records` left refuses the round (BudgetExhaustedError).
 
 A run spends an allowance, not the lifetime: at a run's first round the site grants
-min(requested run epsilon, its own per-run cap, lifetime budget - the least-spent record's epsilon)
+min(requested run epsilon, its own per-run cap, lifetime budget - the least-spent record's epsilon),
+the first two less what the run's private vocabulary release cost by itself (vocab_release.py),
 and calibrates the noise multiplier so that the whole run plan (rounds x local epochs of Poisson
 batches) costs a record that trains in every round at most the grant; the grant (with that noise
 multiplier) is written to the ledger and reused by every round of the run.
@@ -101,17 +102,18 @@ class RoundPlan:
 
 
 def plan_round(*, histories: RecordHistories, grant: dict[str, Any] | None, record_ids: Sequence[str],
-               budget: SiteBudget, request: RunRequest, server_round: int) -> RoundPlan:
+               budget: SiteBudget, request: RunRequest, server_round: int, spent_in_run: float = 0.0) -> RoundPlan:
     """This round's mechanism and the records it may use. Raises BudgetExhaustedError when the
     run gets no allowance, asks for a round beyond its granted plan, or fewer than
-    `budget.min_records` records can train."""
+    `budget.min_records` records can train. `spent_in_run`: what this run already spent before its
+    first round (its private vocabulary release, by itself), taken off the run's allowance."""
     delta, acc = budget.target_delta, budget.accountant
     by_group = histories.groups_of(record_ids)
     spent = {g: (histories.epsilon(g, target_delta=delta, accountant=acc) if g >= 0 else 0.0) for g in by_group}
     spent_max = max(spent.values(), default=0.0)
     new_grant = grant is None
     if new_grant:
-        grant = _grant(spent, by_group, budget=budget, request=request)
+        grant = _grant(spent, by_group, budget=budget, request=request, spent_in_run=spent_in_run)
     elif server_round > grant["num_rounds"]:
         raise BudgetExhaustedError(
             spent=spent_max, projected=spent_max, target_epsilon=budget.target_epsilon, target_delta=delta,
@@ -141,12 +143,13 @@ def plan_round(*, histories: RecordHistories, grant: dict[str, Any] | None, reco
 
 
 def _grant(spent: dict[int, float], by_group: dict[int, list[str]], *, budget: SiteBudget,
-           request: RunRequest) -> dict[str, Any]:
-    """The run's allowance and the noise multiplier calibrated to it over the whole run plan."""
+           request: RunRequest, spent_in_run: float = 0.0) -> dict[str, Any]:
+    """The run's allowance and the noise multiplier calibrated to it over the whole run plan; the
+    run's own earlier spending (its vocabulary release) comes off the run caps."""
     least_spent = min(spent.values(), default=0.0)
-    caps = [request.run_epsilon, budget.target_epsilon - least_spent]
+    caps = [request.run_epsilon - spent_in_run, budget.target_epsilon - least_spent]
     if budget.max_run_epsilon is not None:
-        caps.append(budget.max_run_epsilon)
+        caps.append(budget.max_run_epsilon - spent_in_run)
     granted = min(caps)
     n = sum(len(v) for v in by_group.values())
     # the records expected to train the whole run set the planned sample rate: those whose spending

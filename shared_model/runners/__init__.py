@@ -12,6 +12,7 @@ _MODULES = {  # submodule: its public names
                        'stop_superlink', 'superlink_pids', 'toml_value', 'write_run_config'),
     'pretrain': ('CACHE_FORMAT', 'NO_BUDGET', 'PRETRAIN_DEFAULTS', 'cached_pretrain', 'pretrain_config',
                  'run_pretrain', 'settings_hash'),
+    'progress': ('Progress', 'RoundLines', 'duration', 'estimate'),
     'sources': ('SOURCES', 'evaluation_data', 'load_folder_splits', 'training_data'),
     'vocab_cmd': ('VOCAB_EXIT_CODES', 'add_vocab_parser', 'run_vocab'),
 }

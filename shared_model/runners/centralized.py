@@ -26,6 +26,7 @@ from shared_model.evaluation import caption_metrics, evaluate, trivial_baseline_
 from shared_model.model import Captioner, CaptionerConfig, load_checkpoint, save_checkpoint, train_epoch
 from shared_model.privacy import unwrap
 
+from .progress import Progress
 from .sources import training_data
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -118,17 +119,26 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
             f"grad-sample-mode {cfg.grad_sample_mode}")
     history = []
     schedule = _schedule(optimizer, cfg, total_steps=cfg.epochs * len(loader))
-    for epoch in range(1, cfg.epochs + 1):
-        te = time.perf_counter()
-        stats = train_epoch(model, optimizer, loader, device=device,
-                            max_physical_batch_size=cfg.max_physical_batch_size if cfg.dp else None,
-                            after_step=schedule)
-        row = {"epoch": epoch, "loss": stats["loss"], "seconds": time.perf_counter() - te}
-        if engine is not None:
-            row["epsilon"] = engine.get_epsilon(cfg.target_delta)
-        history.append(row)
-        log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.3f} ({row['seconds']:.1f} s)"
-            + (f", epsilon {row['epsilon']:.2f}" if "epsilon" in row else ""))
+    # a bar over the optimizer steps on a terminal; elsewhere only the epoch lines
+    with Progress(cfg.epochs * len(loader), label=f"{cfg.kind} training") as progress:
+        def after_step() -> None:
+            if schedule is not None:
+                schedule()
+            progress.advance()
+
+        for epoch in range(1, cfg.epochs + 1):
+            te = time.perf_counter()
+            stats = train_epoch(model, optimizer, loader, device=device,
+                                max_physical_batch_size=cfg.max_physical_batch_size if cfg.dp else None,
+                                after_step=after_step)
+            progress.done = epoch * len(loader)  # Poisson batches: the expected steps, not the drawn ones
+            row = {"epoch": epoch, "loss": stats["loss"], "seconds": time.perf_counter() - te}
+            if engine is not None:
+                row["epsilon"] = engine.get_epsilon(cfg.target_delta)
+            history.append(row)
+            log(f"epoch {epoch}/{cfg.epochs}: loss {stats['loss']:.3f} ({row['seconds']:.1f} s)"
+                + (f", epsilon {row['epsilon']:.2f}" if "epsilon" in row else "") + f" [{progress.status()}]")
+    log(f"evaluating on {len(test)} test images (beam size {cfg.beam_size})")
     plain = unwrap(model)
     metrics, predictions = evaluate(plain, test, vocab, beam_size=cfg.beam_size, device=device, meteor=cfg.meteor)
     baseline = caption_metrics(

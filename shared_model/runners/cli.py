@@ -89,13 +89,30 @@ def _training_options(p: argparse.ArgumentParser, d) -> None:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from shared_model.data import image_tensor, load_images
+    from shared_model.data import image_tensor, load_dataset_folder, load_images
     from shared_model.model import load_checkpoint
 
+    if not args.images and not args.data:
+        raise ValueError("give image files or --data DIR (a dataset folder), got neither")
+    if args.gallery and not args.data:
+        raise ValueError("--gallery needs --data DIR: a gallery shows each image's reference captions")
     model, vocab, _ = load_checkpoint(args.checkpoint)
-    images = load_images(args.images, image_size=model.config.image_size)
-    for path, text in zip(args.images, model.caption(image_tensor(images), vocab, beam_size=args.beam_size)):
-        print(f"{path}\t{text}")
+    if args.images:
+        images = load_images(args.images, image_size=model.config.image_size)
+        for path, text in zip(args.images, model.caption(image_tensor(images), vocab, beam_size=args.beam_size)):
+            print(f"{path}\t{text}")
+    if args.data:
+        from shared_model.evaluation import generate_captions, write_gallery
+
+        data = load_dataset_folder(args.format, args.data, split=args.split, image_size=model.config.image_size)
+        if args.gallery:
+            label = f"checkpoint {args.checkpoint.resolve().name}"
+            path = write_gallery(model, data, vocab, args.gallery, label=label, size=args.gallery_size,
+                                 beam_size=args.beam_size)
+            print(f"gallery of {min(args.gallery_size, len(data))} images: {path}", file=sys.stderr)
+        else:
+            for image_id, text in generate_captions(model, data, vocab, beam_size=args.beam_size).items():
+                print(f"{image_id}\t{text}")
     return 0
 
 
@@ -103,23 +120,29 @@ AUDIT_EXIT_CODES = """exit codes:
   0  every ledger verified; no failure (warnings allowed unless --strict)
   1  a failure: a record's recomputed epsilon (site's accountant) above its budget, a ledger line whose
      recorded epsilon is below the recomputed one, or (with --federation-state) a witnessed ledger
-     head that no audited ledger holds (deleted, rolled back, rewritten); with --strict also any
-     warning (accountants that disagree beyond --tolerance, budget fields that change)
+     head (only each --site's, if given) that no audited ledger holds (deleted, rolled back,
+     rewritten); with --strict also any warning (accountants that disagree beyond --tolerance,
+     budget fields that change)
   2  a ledger that cannot be audited (malformed, hash chain broken: edited, removed, reordered or
      torn line; a membership file missing or altered), no ledger found, a missing path or a bad argument
+     (a --site the federation state does not name)
 """
 
 
 def _audit(args: argparse.Namespace) -> int:
     from shared_model.privacy import audit, format_table, to_json, write_report
 
-    accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
-    def progress(done: int, total: int, site: str) -> None:
-        print(f"audited {site} ({done}/{total}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    from .progress import Progress
 
-    t0 = time.perf_counter()
+    accountants = [a.strip() for a in args.accountants.split(",") if a.strip()]
+    bar = Progress(0, label="auditing", stream=sys.stderr, bar=False)  # one line per site, with an estimate
+
+    def progress(done: int, total: int, site: str) -> None:
+        bar.total, bar.done = total, done
+        bar.line(f"audited {site} ({done}/{total})")
+
     result = audit(args.paths, accountants=accountants, tolerance=args.tolerance,
-                   federation_state=args.federation_state, progress=progress)
+                   federation_state=args.federation_state, witness_sites=args.site, progress=progress)
     print(format_table(result), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         text = json.dumps(to_json(result, strict=args.strict), indent=2)
@@ -190,9 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     e.set_defaults(func=_evaluate)
 
-    c = sub.add_parser("caption", help="print captions for image files from a checkpoint")
+    c = sub.add_parser("caption", help="print captions for image files or a dataset folder; write a gallery",
+                       description="Caption image files, or every image of a dataset folder (--data); with "
+                                   "--gallery, write OUT/gallery.md and OUT/images/ instead: the folder's first "
+                                   "images, their reference captions and the checkpoint's captions (the run "
+                                   "summary's gallery, for any checkpoint).",
+                       epilog="exit codes:\n  0  captions printed or gallery written\n  2  a bad argument, "
+                              "checkpoint, image or folder", formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("checkpoint", type=Path)
-    c.add_argument("images", nargs="+", type=Path)
+    c.add_argument("images", nargs="*", type=Path)
+    c.add_argument("--data", type=Path, help="a dataset folder (docs/data.md) to caption")
+    c.add_argument("--format", default="coco", choices=("coco", "karpathy", "csv", "jsonl"), help="--data's format")
+    c.add_argument("--split", default="test", help="karpathy split of --data (default test)")
+    c.add_argument("--gallery", type=Path, metavar="OUT", help="write OUT/gallery.md with OUT/images/ (needs --data)")
+    c.add_argument("--gallery-size", type=int, default=6, help="images in the gallery (default 6)")
     c.add_argument("--beam-size", type=int, default=3)
     c.set_defaults(func=_caption)
 
@@ -214,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--federation-state", type=Path, metavar="FILE",
                    help="the server's federation-state.json: flag every witnessed site whose ledger is missing or "
                         "behind its witnessed head")
+    a.add_argument("--site", action="append", metavar="NAME",
+                   help="with --federation-state: check only this site's witnessed head (its node_config "
+                        "site-name; repeat for several), e.g. a site auditing its own ledger")
     a.set_defaults(func=_audit)
 
     add_vocab_parser(sub)

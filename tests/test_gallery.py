@@ -1,0 +1,57 @@
+"""`fedcap caption --gallery`: the run summary's caption gallery for any checkpoint and folder."""
+
+import pytest
+
+from conftest import tiny_config
+from deploy.site_data import write_coco_folder
+from shared_model.data import load_embedded, synthetic_vocabulary
+from shared_model.model import Captioner, save_checkpoint
+from shared_model.runners import main
+
+
+@pytest.fixture
+def checkpoint_and_folder(tmp_path):
+    vocab = synthetic_vocabulary()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", Captioner(tiny_config(vocab_size=len(vocab))), vocab)
+    folder = write_coco_folder(load_embedded("test", 4, image_size=32), tmp_path / "coco")
+    return checkpoint, folder
+
+
+def test_caption_writes_a_gallery_of_a_folder(tmp_path, checkpoint_and_folder, capsys):
+    checkpoint, folder = checkpoint_and_folder
+    out = tmp_path / "gallery"
+    assert main(["caption", str(checkpoint), "--data", str(folder), "--gallery", str(out), "--gallery-size", "3",
+                 "--beam-size", "1"]) == 0
+    md = (out / "gallery.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ![")]
+    assert md.startswith("## What checkpoint ckpt says") and "| image | references | checkpoint ckpt |" in md
+    assert len(rows) == 3 and all(line.count(" | ") == 2 for line in rows)  # image, references, one caption
+    data = load_embedded("test", 4, image_size=32)
+    assert data.captions[0][0] in md and "](images/00.png)" in md
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00.png", "01.png", "02.png"]
+    assert "gallery of 3 images" in capsys.readouterr().err
+
+
+def test_caption_prints_a_folders_captions_and_names_a_missing_input(checkpoint_and_folder, capsys):
+    checkpoint, folder = checkpoint_and_folder
+    assert main(["caption", str(checkpoint), "--data", str(folder), "--beam-size", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all("\t" in line for line in lines)
+    assert main(["caption", str(checkpoint)]) == 2
+    assert "give image files or --data DIR" in capsys.readouterr().err
+    assert main(["caption", str(checkpoint), "x.png", "--gallery", "out"]) == 2
+    assert "--gallery needs --data DIR" in capsys.readouterr().err
+
+
+def test_the_run_summarys_gallery_shows_the_first_and_last_round(tmp_path):
+    from shared_model.evaluation import Gallery
+
+    data = load_embedded("test", 3, image_size=32)
+    gallery = Gallery(data, tmp_path / "gallery", size=2)
+    assert gallery.section() == []
+    gallery.observe(0, {i: "a red" for i in data.image_ids})
+    gallery.observe(1, {i: "a red circle" for i in data.image_ids})
+    gallery.observe(3, {i: "a blue | square" for i in data.image_ids})
+    lines = gallery.section()
+    assert "| image | references | round 0 | round 3 |" in lines
+    assert lines[-1].endswith("| a red | a blue / square |") and (tmp_path / "gallery" / "01.png").is_file()
