@@ -45,11 +45,16 @@ def run_pretrain(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callable[[
     return result
 
 
+# CentralizedConfig fields that only DP-SGD reads: pretraining is never private
+_DP_ONLY = ("target_epsilon", "noise_multiplier", "target_delta", "max_grad_norm", "accountant",
+            "max_physical_batch_size", "grad_sample_mode")
+
+
 def settings_hash(cfg: CentralizedConfig) -> str:
     """16 hex digits of the SHA-256 of everything that decides the pretrained weights."""
     from shared_model.model import CaptionerConfig
 
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "meteor")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "meteor", *_DP_ONLY)}
     # the model as it will be built, so overrides that restate a default give the same checkpoint
     resolved = CaptionerConfig(vocab_size=5, **cfg.model).to_dict()
     settings["model"] = {k: v for k, v in resolved.items() if k != "vocab_size"}  # the data decides it
