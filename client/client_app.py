@@ -125,8 +125,9 @@ def vocab(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)
     from shared_model.privacy import BudgetExhaustedError, check_witness, release_vocabulary
 
-    from .settings import (distinct_records, is_deployed, ledger_is_ephemeral, site_budget, site_data, site_ledger,
-                           site_name, vocab_release, witnessed_head)
+    from .settings import (is_deployed, ledger_is_ephemeral, site_budget, site_data, site_ledger, site_name,
+                           vocab_release, witnessed_head)
+    from .trainer import unique_records
 
     rc, nc, config = context.run_config, context.node_config, msg.content["config"]
     name, ephemeral = site_name(nc), ledger_is_ephemeral(rc, nc)
@@ -134,7 +135,9 @@ def vocab(msg: Message, context: Context) -> Message:
     if budget is None:
         raise ValueError("vocab-source 'private' needs the site's privacy budget, got dp = false")
     ledger = site_ledger(rc, nc, context.run_id)
-    ids, captions = distinct_records(site_data(rc, nc)[0])
+    train_set, _ = site_data(rc, nc)
+    ids, rows = unique_records(train_set)  # each distinct record once, as DP-SGD samples them
+    captions = [train_set.captions[r] for r in rows]
     budget.check_delta(len(ids))
     site = {"name": name, "ledger-ephemeral": ephemeral}
     # a simulation reproduces its noise from the run's seed; a deployed site draws it from the OS

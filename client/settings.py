@@ -94,7 +94,7 @@ def _non_private_site(run_config: Mapping[str, Any], node_config: Mapping[str, A
     if run_config.get("dp", True):
         raise ValueError("this site is non-private (node_config non-private = true) and the run asks dp = true: "
                          "a non-private site takes part in dp = false runs only")
-    if "state-dir" in node_config and (Path(str(node_config["state-dir"])).expanduser() / "ledger.jsonl").exists():
+    if "state-dir" in node_config and (state_dir(run_config, node_config, run_id="") / "ledger.jsonl").exists():
         raise ValueError(f"state-dir {node_config['state-dir']} holds a DP ledger: a non-private site needs its own, "
                          f"new state-dir")
     return None
@@ -151,10 +151,3 @@ def vocab_release(query_config: Mapping[str, Any]) -> VocabRelease:
                         max_words_per_record=int(query_config["vocab-max-words-per-record"]),
                         threshold_delta=_number(query_config, "vocab-delta"))
 
-
-def distinct_records(data: CaptionSet) -> tuple[list[str], list[tuple[str, ...]]]:
-    """(content IDs, caption sets) with each distinct record once, as DP-SGD samples them."""
-    seen: dict[str, tuple[str, ...]] = {}
-    for rid, caps in zip(data.record_ids(), data.captions):
-        seen.setdefault(rid, caps)
-    return list(seen), list(seen.values())
