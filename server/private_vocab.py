@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from shared_model.data import Vocabulary
 from shared_model.privacy import merge_releases
 
-from .strategy import RoundFailed, wait_for_nodes
+from .strategy import RoundFailed, recipients, reply_sender, wait_for_nodes
 
 log = logging.getLogger("flwr")
 MESSAGE_TYPE = "query.vocab"
@@ -69,8 +69,10 @@ def private_vocabulary(grid: Grid, run_config: Mapping[str, Any], *, run_id: str
     content = RecordDict({"config": config})
     messages = [Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node) for node in grid.get_node_ids()]
     result, releases = VocabRound(vocab=Vocabulary([])), []
-    for msg in grid.send_and_receive(messages, timeout=float(rc["round-timeout"])):
-        node = msg.metadata.src_node_id
+    replies = list(grid.send_and_receive(messages, timeout=float(rc["round-timeout"])))
+    sent_to = recipients(messages)
+    for msg in replies:
+        node = reply_sender(msg, sent_to)
         if msg.has_error():
             result.failures.append({"round": 0, "site": f"node-{node}", "node": node, "kind": "error",
                                     "reason": f"vocabulary round failed: {msg.error.reason}"})
@@ -78,9 +80,8 @@ def private_vocabulary(grid: Grid, run_config: Mapping[str, Any], *, run_id: str
         info = msg.content["site"]
         name = str(info["name"])
         result.node_site[node] = name
-        if witness is not None and "ledger-head" in info and not info.get("ledger-ephemeral", False):
-            witness.observe(name, head=str(info["ledger-head"]), records=int(info["ledger-records"]),
-                            run_id=str(run_id), server_round=0)
+        if witness is not None:
+            witness.observe_reply(name, info, run_id=str(run_id), server_round=0)
         if "refused" in info:
             result.failures.append({"round": 0, "site": name, "node": node, "kind": "vocab-refused",
                                     "reason": str(info["refused"])})

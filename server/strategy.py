@@ -36,6 +36,19 @@ def wait_for_nodes(grid: Grid, needed: int, *, timeout: float) -> int:
     return connected
 
 
+def recipients(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> the node it went to (ids are set when the Grid pushes the messages)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def reply_sender(msg: Message, sent_to: Mapping[str, int]) -> int:
+    """The node a reply is from; for an error the SuperLink made on a node's behalf (node
+    unavailable, message expired: its source is the SuperLink), the node the message went to."""
+    if msg.has_error() and msg.metadata.reply_to_message_id in sent_to:
+        return sent_to[msg.metadata.reply_to_message_id]
+    return msg.metadata.src_node_id
+
+
 class RoundFailed(RuntimeError):
     """Fewer sites trained in a round than `min-train-nodes`: the run stops, failed."""
 
@@ -171,11 +184,8 @@ class FedCapStrategy(Strategy):
 
     def _witness(self, server_round: int, site: str, msg: Message) -> None:
         """Keep the ledger head a site reported (not for simulated sites whose ledger is per run)."""
-        info = msg.content["site"] if "site" in msg.content else {}
-        if self.witness is None or "ledger-head" not in info or info.get("ledger-ephemeral", False):
-            return
-        self.witness.observe(site, head=str(info["ledger-head"]), records=int(info["ledger-records"]),
-                             run_id=self.run_id, server_round=server_round)
+        if self.witness is not None and "site" in msg.content:
+            self.witness.observe_reply(site, msg.content["site"], run_id=self.run_id, server_round=server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         if self.evaluate_in_train and server_round < self.num_rounds:
@@ -190,15 +200,8 @@ class FedCapStrategy(Strategy):
         return messages
 
     # -- who sent a reply --------------------------------------------------------------------
-    def _note_recipients(self, messages: Iterable[Message]) -> None:
-        self.recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-
     def _sender(self, msg: Message) -> int:
-        """The node a reply is from; for an error the SuperLink made on a node's behalf (node
-        unavailable, message expired), the node the original message went to."""
-        if msg.has_error() and msg.metadata.reply_to_message_id in self.recipients:
-            return self.recipients[msg.metadata.reply_to_message_id]
-        return msg.metadata.src_node_id
+        return reply_sender(msg, self.recipients)
 
     def _node_label(self, msg: Message) -> str:
         node = self._sender(msg)
@@ -229,9 +232,9 @@ class FedCapStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies, sent = list(replies), self.sent.pop(server_round, [])
         candidates: dict[str, tuple[Message, dict[str, np.ndarray], int]] = {}
-        evaluations: list[tuple[str, Message, str]] = []
+        evaluations: list[tuple[str, int, MetricRecord]] = []
         refused = 0
-        self._note_recipients(sent)
+        self.recipients = recipients(sent)
         answered = {self._sender(m) for m in replies}
         for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
             reason = "no reply within round-timeout (the node crashed, disconnected or is still training)"
@@ -252,7 +255,7 @@ class FedCapStrategy(Strategy):
                 self._reject(server_round, self._node_label(msg), node, e)
                 continue
             if self.evaluate_in_train and "evaluate" in msg.content:
-                evaluations.append((site, msg, "evaluate"))
+                evaluations.append((site, node, msg.content["evaluate"]))
             metrics = msg.content["metrics"] if "metrics" in msg.content else MetricRecord()
             if metrics.get("budget-exhausted", 0):
                 self._record_budget(site, metrics)
@@ -336,7 +339,7 @@ class FedCapStrategy(Strategy):
 
     # -- evaluation --------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        self._note_recipients(self.sent_evaluate)
+        self.recipients = recipients(self.sent_evaluate)
         self.sent_evaluate = []
         checked = []
         for msg in replies:
@@ -348,20 +351,20 @@ class FedCapStrategy(Strategy):
                 self._fail(server_round, self._node_label(msg), "evaluate-error", reason, node)
                 continue
             try:
-                checked.append((self._site_of(msg), msg, "metrics"))
+                checked.append((self._site_of(msg), node, msg.content.get("metrics")))
             except UpdateRejected as e:
                 self._reject(server_round, self._node_label(msg), node, e)
         return self._evaluated(server_round, checked)
 
-    def _evaluated(self, server_round: int, replies: list[tuple[str, Message, str]]) -> MetricRecord | None:
-        """Each site's held-out metrics (the MetricRecord `key` of its reply: an evaluate reply's
-        "metrics", a train reply's "evaluate"), checked, weighted by num-examples, reported."""
+    def _evaluated(self, server_round: int, replies: list[tuple[str, int, MetricRecord | None]]
+                   ) -> MetricRecord | None:
+        """Each site's held-out metrics (site, node, MetricRecord: an evaluate reply's "metrics", a
+        train reply's "evaluate"), checked, weighted by num-examples, reported."""
         per_site, records = {}, []
-        for site, msg, key in replies:
-            metrics = msg.content[key] if key in msg.content else None
+        for site, node, metrics in replies:
             examples = metrics.get("num-examples") if metrics is not None else None
             if not isinstance(examples, (int, float)) or not 1 <= examples <= self.max_num_examples:
-                self._reject(server_round, site, self._sender(msg),
+                self._reject(server_round, site, node,
                              UpdateRejected("num-examples", examples, "evaluation without a valid num-examples"))
                 continue
             per_site[site] = {k: float(v) for k, v in metrics.items()

@@ -53,6 +53,13 @@ class FederationState:
         self.sites[site] = {"head": head, "records": int(records), "run_id": str(run_id),
                             "server_round": int(server_round), "time": utc_now()}
 
+    def observe_reply(self, site: str, info, *, run_id: str, server_round: int) -> None:
+        """Keep the ledger head a reply's "site" record reports; not for simulated sites whose
+        ledger is per run (ledger-ephemeral), nor for replies without a head."""
+        if "ledger-head" in info and not info.get("ledger-ephemeral", False):
+            self.observe(site, head=str(info["ledger-head"]), records=int(info["ledger-records"]), run_id=run_id,
+                         server_round=server_round)
+
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
