@@ -3,6 +3,7 @@
     python benchmarks/dp_step.py [--batch-size 64] [--steps 10] [--device cpu|cuda]
                                  [--grad-sample-mode hooks,ghost] [--decoders transformer,lstm]
                                  [--trainable all|decoder|fusion+decoder] [--per-layer] [--threads N]
+                                 [--precision fp32|bf16]
                                  [--json FILE]
 
 For each decoder (transformer, lstm) it times the median step (after warm-up) of
@@ -18,6 +19,8 @@ fresh subprocess gains during its steps. The plain step is timed again after eac
 a large drift means the machine was shared and the wall-clock ratios are rough. The CPU-time ratio
 (process CPU seconds per step, all threads) suffers less from other processes on a shared CPU; with
 `--threads 1` it is the steadiest figure there (with several threads it also counts their spinning).
+`--precision bf16` runs plain and DP steps alike under bf16 autocast (per-sample gradients upcast
+to float32 before clipping; ghost is refused with it): on a GPU, the mixed-precision figures.
 Goals (issue 11): time ratio <= 1.6x on this CPU and <= 2x on a GPU; memory ratio <= 2x.
 
 `--per-layer` adds, for every row, a table of where a step's time goes per module type (forward,
@@ -45,7 +48,8 @@ LAYER_STEPS = 3  # instrumented steps for --per-layer
 
 
 def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int, steps: int, device_name: str,
-             per_layer: bool = False, threads: int | None = None, trainable: str = "all") -> dict:
+             per_layer: bool = False, threads: int | None = None, trainable: str = "all",
+             precision: str = "fp32") -> dict:
     import torch
 
     if threads:
@@ -83,7 +87,7 @@ def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int,
 
     def step(x, y) -> float:
         t, c = time.perf_counter(), time.process_time()
-        train_epoch(model, optimizer, [(x, y)], device=device)
+        train_epoch(model, optimizer, [(x, y)], device=device, precision=precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         cpu.append(time.process_time() - c)
@@ -117,7 +121,7 @@ def _subprocess(mode: str, decoder: str, grad_sample_mode: str, args) -> dict:
     """One mode in a fresh process: peak memory and warm caches of that mode only."""
     cmd = [sys.executable, __file__, "--one", mode, decoder, "--grad-sample-mode", grad_sample_mode,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
-           "--threads", str(args.threads or 0), "--trainable", args.trainable]
+           "--threads", str(args.threads or 0), "--trainable", args.trainable, "--precision", args.precision]
     out = subprocess.run(cmd + (["--per-layer"] if args.per_layer else []), capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{mode}/{grad_sample_mode}/{decoder} failed:\n{out.stderr[-2000:]}")
@@ -125,6 +129,7 @@ def _subprocess(mode: str, decoder: str, grad_sample_mode: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shared_model.model.training import resolve_precision
     from shared_model.privacy.dp import GRAD_SAMPLE_MODES, check_grad_sample_mode
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainable", default="all", help="all | decoder | fusion+decoder (the rest frozen, "
                                                                "in the plain step too)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="autocast of plain and DP steps alike (bf16: GPU mixed precision)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "DECODER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_mode(args.one[0], args.one[1], grad_sample_mode=gsms[0], batch_size=args.batch_size,
                                   steps=args.steps, device_name=args.device, per_layer=args.per_layer,
-                                  threads=args.threads, trainable=args.trainable)))
+                                  threads=args.threads, trainable=args.trainable, precision=args.precision)))
         return 0
     from layer_timing import format_table
 
@@ -162,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         for gsm in gsms:
             try:
                 check_grad_sample_mode(gsm, decoder=decoder)
+                resolve_precision(args.precision, args.device, grad_sample_mode=gsm)
             except ValueError as refused:
                 rows.append({"decoder": decoder, "mode": "-", "grad_sample_mode": gsm, "batch_size": args.batch_size,
                              "device": args.device, "threads": args.threads, "trainable": args.trainable,
+                             "precision": args.precision,
                              "refused": str(refused)})
                 print(f"{decoder:12} {gsm:6} refused: {refused}", flush=True)
                 continue
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = _subprocess(mode, decoder, gsm, args)
                 row = {"decoder": decoder, "mode": mode, "grad_sample_mode": gsm, "batch_size": args.batch_size,
                        "device": args.device, "threads": args.threads, "trainable": args.trainable,
-                       "plain_s": plain["seconds"],
+                       "precision": args.precision, "plain_s": plain["seconds"],
                        "dp_s": r["seconds"], "time_ratio": r["seconds"] / plain["seconds"],
                        "plain_cpu_s": plain["cpu_seconds"], "dp_cpu_s": r["cpu_seconds"],
                        "cpu_time_ratio": r["cpu_seconds"] / plain["cpu_seconds"], "plain_memory_mb": plain["memory_mb"],
@@ -181,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["per_layer"], row["plain_per_layer"] = r["per_layer"], plain["per_layer"]
                 rows.append(row)
                 print(f"{decoder:12} {gsm:6} {mode:8} batch {args.batch_size} on {args.device}"
-                      f"{'' if args.trainable == 'all' else ', trainable ' + args.trainable}: plain "
+                      f"{'' if args.trainable == 'all' else ', trainable ' + args.trainable}"
+                      f"{'' if args.precision == 'fp32' else ', ' + args.precision}: plain "
                       f"{plain['seconds']:.3f} s/step, DP {r['seconds']:.3f} s/step, time ratio "
                       f"{row['time_ratio']:.2f}x (CPU time {row['cpu_time_ratio']:.2f}x), memory ratio "
                       f"{row['memory_ratio']:.2f}x "

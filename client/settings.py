@@ -142,7 +142,8 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
                          max_physical_batch_size=int(run_config["max-physical-batch-size"]),
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
                          fixed_batch_shapes=shape == "fixed", trainable=str(run_config.get("trainable", "all")),
-                         grad_sample_mode=str(run_config.get("grad-sample-mode", "hooks")))
+                         grad_sample_mode=str(run_config.get("grad-sample-mode", "hooks")),
+                         precision=str(run_config.get("precision", "fp32")))
 
 
 def vocab_release(query_config: Mapping[str, Any]) -> VocabRelease:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
-from shared_model.model import Captioner, check_trainable, set_trainable, train_epoch
+from shared_model.model import Captioner, check_trainable, resolve_precision, set_trainable, train_epoch
 from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, RunRequest, SiteBudget, check_grad_sample_mode,
                                   check_witness, compute_epsilon, plan_round, private_training, unwrap)
 
@@ -39,6 +39,7 @@ class LocalTraining:
     fixed_batch_shapes: bool = False  # DP: pad every physical batch to max_physical_batch_size (GPU)
     trainable: str = "all"  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
     grad_sample_mode: str = "hooks"  # DP: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on a GPU); shared_model.model.resolve_precision
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
@@ -50,6 +51,7 @@ class LocalTraining:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         check_trainable(self.trainable)
         check_grad_sample_mode(self.grad_sample_mode)
+        resolve_precision(self.precision, "cpu", grad_sample_mode=self.grad_sample_mode)
 
 
 def unique_records(data: CaptionSet) -> tuple[list[str], list[int]]:
@@ -134,6 +136,7 @@ def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: Loca
         stats = train_epoch(wrapped, optimizer, loader, device=device,
                             max_physical_batch_size=training.max_physical_batch_size if event else None,
                             after_step=proximal_pull if global_weights is not None else None,
-                            fixed_batch_shapes=training.fixed_batch_shapes and event is not None)
+                            fixed_batch_shapes=training.fixed_batch_shapes and event is not None,
+                            precision=training.precision)
         losses.append(stats["loss"])
     return losses

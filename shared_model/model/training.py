@@ -59,6 +59,42 @@ def training_loss(model: nn.Module, optimizer: Optimizer) -> Callable[[torch.Ten
     return DPLossFastGradientClipping(model, optimizer, CaptionLoss(), loss_reduction="mean")
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str, device: torch.device | str, *, grad_sample_mode: str = "hooks") -> str:
+    """"fp32" or "bf16" for `precision` on `device`. "auto": bf16 on a CUDA device that has it, fp32
+    elsewhere (CPU autocast is slower than float32 on most CPUs) and under ghost clipping. "bf16" with
+    grad-sample-mode "ghost" is refused: Opacus's ghost norms are computed in the activations' dtype,
+    and a norm rounded to bfloat16 (8 bits of mantissa) can let a clipped gradient exceed
+    max-grad-norm, which would break the sensitivity the accounting assumes."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        device = torch.device(device)
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 and grad_sample_mode != "ghost" else "fp32"
+    if precision == "bf16" and grad_sample_mode == "ghost":
+        raise ValueError("precision 'bf16' cannot run with grad-sample-mode 'ghost': Opacus computes ghost "
+                         "per-caption norms in bfloat16, too coarse to bound the clipped norm; use "
+                         "grad-sample-mode 'hooks' or precision 'fp32'")
+    return precision
+
+
+def float32_grad_samples(model: nn.Module) -> None:
+    """Upcast the per-sample gradients that Opacus's hooks left in bfloat16 (layers run under bf16
+    autocast) to float32, before the optimizer clips them: the per-sample norm, the clipping factor
+    and the clipped sum are then computed in float32 from the very vector that is summed, so every
+    clipped gradient has norm <= max_grad_norm up to float32 rounding, as in fp32 training. (A norm
+    taken in bfloat16 is off by up to 2**-8 relative, so the clip would not bound the norm.)"""
+    for p in model.parameters():
+        g = getattr(p, "grad_sample", None)
+        if isinstance(g, torch.Tensor) and g.dtype != torch.float32:
+            p.grad_sample = g.float()
+        elif isinstance(g, list):
+            p.grad_sample = [x.float() for x in g]
+
+
 def noise_only_step(optimizer: Optimizer) -> None:
     """The DP step of an empty Poisson batch under ghost clipping (Opacus's ghost module cannot run
     a batch of 0 rows): a zero clipped sum, so the optimizer adds only noise, and the accountant
@@ -71,18 +107,23 @@ def noise_only_step(optimizer: Optimizer) -> None:
 def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader, *, device: torch.device | str,
                 max_physical_batch_size: int | None = None, log: Callable[[str], None] | None = None,
                 log_every: int = 0, after_step: Callable[[], None] | None = None,
-                fixed_batch_shapes: bool = False) -> dict[str, float]:
+                fixed_batch_shapes: bool = False, precision: str = "fp32") -> dict[str, float]:
     """One pass over `data_loader`. With an Opacus optimizer and `max_physical_batch_size`, logical
     batches are split by BatchMemoryManager (the optimizer only steps at logical batch ends); with
     `fixed_batch_shapes` every physical batch is padded to `max_physical_batch_size` masked rows
     (`pad_batch`), so a GPU sees one shape instead of a new one per Poisson batch.
     `after_step` runs after every real optimizer step (e.g. FedProx's pull to the global weights).
+    `precision` "bf16" runs the forward pass and the loss under bf16 autocast (weights, optimizer
+    state and the loss stay float32); under DP the per-sample gradients are upcast to float32
+    before clipping (`float32_grad_samples`); "auto" resolves through `resolve_precision`.
     Returns the mean per-caption loss over examples, examples seen and optimizer steps."""
     if fixed_batch_shapes and not max_physical_batch_size:
         raise ValueError("fixed_batch_shapes needs max_physical_batch_size (the fixed size)")
     model.train()
     is_private = hasattr(optimizer, "noise_multiplier")
     ghost = is_ghost(optimizer)
+    bf16 = resolve_precision(precision, device, grad_sample_mode="ghost" if ghost else "hooks") == "bf16"
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     criterion = training_loss(model, optimizer) if ghost else None
     if is_private and max_physical_batch_size:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -103,13 +144,16 @@ def train_epoch(model: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
                 noise_only_step(optimizer)
                 loss_report = torch.zeros(())
             else:
-                logits, loss = model(images, captions)
+                with autocast:
+                    logits, loss = model(images, captions)
                 if ghost:  # the same per-caption loss, one value per caption, through Opacus's wrapper
                     loss = criterion(logits, captions[:, 1:])
                 loss_report = loss.detach()
                 if fixed_batch_shapes and n:
                     loss_report = loss_report * images.shape[0] / n  # the mean over real rows
                 loss.backward()
+                if bf16 and is_private:
+                    float32_grad_samples(model)
                 optimizer.step()
             skipped = is_private and getattr(optimizer, "_is_last_step_skipped", False)
             if not skipped:

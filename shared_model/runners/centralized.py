@@ -49,6 +49,7 @@ class CentralizedConfig:
     accountant: str = "prv"
     max_physical_batch_size: int = 128
     grad_sample_mode: str = "hooks"  # private: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on a GPU)
     beam_size: int = 3
     meteor: bool = True
     device: str = "auto"
@@ -72,6 +73,9 @@ class CentralizedConfig:
         from shared_model.privacy.dp import check_grad_sample_mode
 
         check_grad_sample_mode(self.grad_sample_mode, decoder=self.model.get("decoder", CaptionerConfig.decoder))
+        from shared_model.model.training import resolve_precision
+
+        resolve_precision(self.precision, "cpu", grad_sample_mode=self.grad_sample_mode if self.dp else "hooks")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -130,7 +134,7 @@ def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callabl
             te = time.perf_counter()
             stats = train_epoch(model, optimizer, loader, device=device,
                                 max_physical_batch_size=cfg.max_physical_batch_size if cfg.dp else None,
-                                after_step=after_step)
+                                after_step=after_step, precision=cfg.precision)
             progress.done = epoch * len(loader)  # Poisson batches: the expected steps, not the drawn ones
             row = {"epoch": epoch, "loss": stats["loss"], "seconds": time.perf_counter() - te}
             if engine is not None:

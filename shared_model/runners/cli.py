@@ -16,7 +16,8 @@ def _common(args: argparse.Namespace) -> dict:
     if args.data is not None and not Path(args.data).expanduser().is_dir():
         raise FileNotFoundError(f"--data folder not found: {args.data}")
     return dict(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, batch_size=args.batch_size,
-                lr=args.lr, lr_schedule=args.lr_schedule, beam_size=args.beam_size, meteor=not args.no_meteor,
+                lr=args.lr, lr_schedule=args.lr_schedule, precision=args.precision, beam_size=args.beam_size,
+                meteor=not args.no_meteor,
                 seed=args.seed, device=args.device, model=model, data=str(args.data or ""), data_format=args.format,
                 vocab_file=str(args.vocab_file or ""), init_from=str(args.init_from or ""))
 
@@ -85,6 +86,8 @@ def _training_options(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--no-meteor", action="store_true", default=not d.meteor, help="skip METEOR (Java start-up)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=d.precision,
+                   help="bf16: autocast (per-sample norms stay float32; not with ghost); auto: bf16 on a GPU")
     p.add_argument("--out", type=Path, help="run folder (default runs/<kind>-<time>)")
 
 

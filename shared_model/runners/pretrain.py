@@ -58,6 +58,8 @@ def settings_hash(cfg: CentralizedConfig) -> str:
     # the model as it will be built, so overrides that restate a default give the same checkpoint
     resolved = CaptionerConfig(vocab_size=5, **cfg.model).to_dict()
     settings["model"] = {k: v for k, v in resolved.items() if k != "vocab_size"}  # the data decides it
+    if settings.get("precision") == "fp32":  # added after caches existed: fp32 weights keep their hash
+        del settings["precision"]
     text = json.dumps({"format": CACHE_FORMAT, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
