@@ -129,7 +129,7 @@ def _subprocess(mode: str, decoder: str, grad_sample_mode: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared_model.model.training import resolve_precision
+    from shared_model.model.precision import check_precision
     from shared_model.privacy.dp import GRAD_SAMPLE_MODES, check_grad_sample_mode
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for gsm in gsms:
             try:
                 check_grad_sample_mode(gsm, decoder=decoder)
-                resolve_precision(args.precision, args.device, grad_sample_mode=gsm)
+                check_precision(args.precision, grad_sample_mode=gsm)
             except ValueError as refused:
                 rows.append({"decoder": decoder, "mode": "-", "grad_sample_mode": gsm, "batch_size": args.batch_size,
                              "device": args.device, "threads": args.threads, "trainable": args.trainable,

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
-from shared_model.model import Captioner, check_trainable, resolve_precision, set_trainable, train_epoch
+from shared_model.model import Captioner, check_precision, check_trainable, set_trainable, train_epoch
 from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, RunRequest, SiteBudget, check_grad_sample_mode,
                                   check_witness, compute_epsilon, plan_round, private_training, unwrap)
 
@@ -51,7 +51,7 @@ class LocalTraining:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         check_trainable(self.trainable)
         check_grad_sample_mode(self.grad_sample_mode)
-        resolve_precision(self.precision, "cpu", grad_sample_mode=self.grad_sample_mode)
+        check_precision(self.precision, grad_sample_mode=self.grad_sample_mode)
 
 
 def unique_records(data: CaptionSet) -> tuple[list[str], list[int]]:

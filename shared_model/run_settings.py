@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from shared_model.data.partition import METHODS as PARTITIONERS
 from shared_model.model.config import DECODERS, ENCODERS, FUSIONS
-from shared_model.model.training import PRECISIONS, resolve_precision
+from shared_model.model.precision import PRECISIONS, check_precision
 from shared_model.privacy.accounting import OPACUS_ACCOUNTANTS
 from shared_model.privacy.dp import GRAD_SAMPLE_MODES, check_grad_sample_mode
 
@@ -233,7 +233,7 @@ def validate_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     if "grad-sample-mode" in rc:  # ghost clipping refuses the LSTM decoder
         check_grad_sample_mode(rc["grad-sample-mode"], decoder=rc.get("model-decoder"))
     if "precision" in rc:  # bf16 autocast refuses ghost clipping's bfloat16 norms
-        resolve_precision(rc["precision"], "cpu", grad_sample_mode=rc.get("grad-sample-mode", "hooks"))
+        check_precision(rc["precision"], grad_sample_mode=rc.get("grad-sample-mode", "hooks"))
     if rc.get("init-from") and rc.get("resume-from"):
         raise ValueError(f"init-from and resume-from exclude each other, got init-from {rc['init-from']!r} and "
                          f"resume-from {rc['resume-from']!r}")

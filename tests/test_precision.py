@@ -77,3 +77,15 @@ def test_precision_resolution_and_refusals():
     with pytest.raises(ValueError, match="precision 'bf16' cannot run with grad-sample-mode 'ghost'"):
         validate_run_config({"precision": "bf16", "grad-sample-mode": "ghost"})
     assert validate_run_config({"precision": "auto", "grad-sample-mode": "ghost"})
+
+
+def test_settings_check_does_not_import_torch():
+    """The run-config schema (ServerApp, simulations.run, the settings checks) stays torch-free:
+    the precision check lives in shared_model.model.precision, not beside the training loop."""
+    import subprocess
+    import sys
+
+    code = ("import sys, shared_model.run_settings as s; s.validate_run_config({'precision': 'bf16'}); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -15,8 +15,8 @@ _MODULES = {  # submodule: its public names
     'layers': ('LSTM', 'MultiHeadAttention', 'TransformerDecoderLayer', 'sinusoidal_positions',
                'sinusoidal_positions_2d'),
     'trainable': ('TRAINABLE', 'check_trainable', 'parameter_group', 'set_trainable'),
-    'training': ('PRECISIONS', 'float32_grad_samples', 'is_ghost', 'noise_only_step', 'pad_batch', 'resolve_precision',
-                 'train_epoch', 'training_loss'),
+    'precision': ('PRECISIONS', 'check_precision', 'resolve_precision'),
+    'training': ('float32_grad_samples', 'is_ghost', 'noise_only_step', 'pad_batch', 'train_epoch', 'training_loss'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)

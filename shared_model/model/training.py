@@ -14,6 +14,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from .precision import resolve_precision
+
 
 def pad_batch(images: torch.Tensor, captions: torch.Tensor, size: int, pad_id: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,28 +59,6 @@ def training_loss(model: nn.Module, optimizer: Optimizer) -> Callable[[torch.Ten
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     return DPLossFastGradientClipping(model, optimizer, CaptionLoss(), loss_reduction="mean")
-
-
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def resolve_precision(precision: str, device: torch.device | str, *, grad_sample_mode: str = "hooks") -> str:
-    """"fp32" or "bf16" for `precision` on `device`. "auto": bf16 on a CUDA device that has it, fp32
-    elsewhere (CPU autocast is slower than float32 on most CPUs) and under ghost clipping. "bf16" with
-    grad-sample-mode "ghost" is refused: Opacus's ghost norms are computed in the activations' dtype,
-    and a norm rounded to bfloat16 (8 bits of mantissa) can let a clipped gradient exceed
-    max-grad-norm, which would break the sensitivity the accounting assumes."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        device = torch.device(device)
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return "bf16" if cuda_bf16 and grad_sample_mode != "ghost" else "fp32"
-    if precision == "bf16" and grad_sample_mode == "ghost":
-        raise ValueError("precision 'bf16' cannot run with grad-sample-mode 'ghost': Opacus computes ghost "
-                         "per-caption norms in bfloat16, too coarse to bound the clipped norm; use "
-                         "grad-sample-mode 'hooks' or precision 'fp32'")
-    return precision
 
 
 def float32_grad_samples(model: nn.Module) -> None:

@@ -73,9 +73,9 @@ class CentralizedConfig:
         from shared_model.privacy.dp import check_grad_sample_mode
 
         check_grad_sample_mode(self.grad_sample_mode, decoder=self.model.get("decoder", CaptionerConfig.decoder))
-        from shared_model.model.training import resolve_precision
+        from shared_model.model.precision import check_precision
 
-        resolve_precision(self.precision, "cpu", grad_sample_mode=self.grad_sample_mode if self.dp else "hooks")
+        check_precision(self.precision, grad_sample_mode=self.grad_sample_mode if self.dp else "hooks")
 
 
 def resolve_device(device: str) -> torch.device:
