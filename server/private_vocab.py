@@ -24,7 +24,8 @@ from flwr.serverapp import Grid
 from shared_model.data import Vocabulary
 from shared_model.privacy import merge_releases
 
-from .strategy import RoundFailed, recipients, reply_sender, wait_for_nodes
+from .strategy import RoundFailed, bind_site, recipients, reply_sender, wait_for_nodes
+from .update_checks import UpdateRejected
 
 log = logging.getLogger("flwr")
 MESSAGE_TYPE = "query.vocab"
@@ -78,8 +79,12 @@ def private_vocabulary(grid: Grid, run_config: Mapping[str, Any], *, run_id: str
                                     "reason": f"vocabulary round failed: {msg.error.reason}"})
             continue
         info = msg.content["site"]
-        name = str(info["name"])
-        result.node_site[node] = name
+        try:  # the training rounds' binding: one name per node, one node per name
+            name = bind_site(result.node_site, node, str(info["name"]))
+        except UpdateRejected as rejected:
+            result.failures.append({"round": 0, "site": f"node-{node}", "node": node, "kind": "site-name",
+                                    "reason": str(rejected)})
+            continue
         if witness is not None:
             witness.observe_reply(name, info, run_id=str(run_id), server_round=0)
         if "refused" in info:

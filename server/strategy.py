@@ -49,6 +49,23 @@ def reply_sender(msg: Message, sent_to: Mapping[str, int]) -> int:
     return msg.metadata.src_node_id
 
 
+def bind_site(node_site: dict[int, str], node: int, claimed: str | None) -> str:
+    """The site name of Flower node `node`, bound at its first reply of the run (in `node_site`);
+    UpdateRejected when the node later claims another name, or claims a name another node holds
+    (a node impersonating a site would otherwise overwrite that site's witnessed ledger head)."""
+    bound = node_site.get(node)
+    if bound is not None:
+        if claimed is not None and claimed != bound:
+            raise UpdateRejected("site-name", claimed, f"node {node} is site {bound!r} but claims {claimed!r}")
+        return bound
+    name = claimed or f"node-{node}"
+    owner = next((n for n, s in node_site.items() if s == name), None)
+    if owner is not None:
+        raise UpdateRejected("site-name", claimed, f"node {node} claims site {name!r}, which is node {owner}")
+    node_site[node] = name
+    return name
+
+
 class RoundFailed(RuntimeError):
     """Fewer sites trained in a round than `min-train-nodes`: the run stops, failed."""
 
@@ -209,21 +226,10 @@ class FedCapStrategy(Strategy):
 
     def _site_of(self, msg: Message) -> str:
         """The site bound to the replying node; UpdateRejected when the reply claims another name."""
-        node = msg.metadata.src_node_id
         claimed = None
         if "site" in msg.content and "name" in msg.content["site"]:
             claimed = str(msg.content["site"]["name"])
-        bound = self.node_site.get(node)
-        if bound is not None:
-            if claimed is not None and claimed != bound:
-                raise UpdateRejected("site-name", claimed, f"node {node} is site {bound!r} but claims {claimed!r}")
-            return bound
-        name = claimed or f"node-{node}"
-        owner = next((n for n, s in self.node_site.items() if s == name), None)
-        if owner is not None:
-            raise UpdateRejected("site-name", claimed, f"node {node} claims site {name!r}, which is node {owner}")
-        self.node_site[node] = name
-        return name
+        return bind_site(self.node_site, msg.metadata.src_node_id, claimed)
 
     def _fail(self, server_round: int, site: str, kind: str, reason: str, node: int) -> None:
         self.failures.append({"round": server_round, "site": site, "node": node, "kind": kind, "reason": reason})

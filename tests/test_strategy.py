@@ -255,3 +255,48 @@ def test_evaluation_inside_train_replies_reports_the_received_model(global_model
     # no evaluate messages before the last round; a grid is only needed from the last round on
     assert s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None) == []
     assert s.configure_evaluate(2, ArrayRecord(), ConfigRecord(), grid=None) == []
+
+
+class _VocabGrid:
+    """A Grid whose nodes answer the private vocabulary query with the given (name, words) each,
+    as the ClientApp's query.vocab handler shapes its reply."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            m.metadata.__dict__["_message_id"] = f"vocab-{node}"
+            name, words = self.answers[node]
+            content = RecordDict({
+                "site": ConfigRecord({"name": name, "ledger-head": f"head-{node}", "ledger-records": 1}),
+                "vocab": ConfigRecord({"words": words, "counts": [50.0] * len(words)}),
+                "metrics": MetricRecord({"records-counted": 100, "records-retired": 0, "threshold": 10.0,
+                                         "epsilon": 1.0})})
+            reply = Message(content=content, reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def test_private_vocabulary_round_binds_each_site_name_to_one_node(tmp_path):
+    """A node claiming a site name another node already gave is refused in the vocabulary round, as
+    in training rounds: its words are not merged and the real site's witnessed head is kept."""
+    from server.private_vocab import private_vocabulary
+    from server.witness import FederationState
+
+    run_config = {"min-train-nodes": 1, "min-available-nodes": 1, "node-wait-timeout": 5.0, "round-timeout": 5.0,
+                  "vocab-noise-multiplier": 1.0, "vocab-max-words-per-record": 8, "vocab-delta": 1e-6}
+    witness = FederationState(tmp_path / "federation-state.json")
+    grid = _VocabGrid({11: ("site-0", ["red", "circle"]), 12: ("site-0", ["poison"])})
+    result = private_vocabulary(grid, run_config, run_id="1", witness=witness)
+    assert result.node_site == {11: "site-0"}
+    assert "poison" not in result.vocab.itos and "red" in result.vocab.itos
+    assert [f["kind"] for f in result.failures] == ["site-name"] and result.failures[0]["node"] == 12
+    assert "node 12 claims site 'site-0', which is node 11" in result.failures[0]["reason"]
+    assert witness.sites["site-0"]["head"] == "head-11"
