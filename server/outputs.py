@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,18 @@ class RunOutputs:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+@dataclass
+class NothingTrained:
+    """The strategy's reporting fields for a run that ended before round 1 (e.g. a failed private
+    vocabulary round): no round trained, no budget reported, the failures as recorded."""
+
+    failures: list[dict[str, Any]]
+    trained_rounds: tuple = ()
+    site_budget: dict = field(default_factory=dict)
+    exhausted: frozenset = frozenset()
+    timings: dict = field(default_factory=dict)
 
 
 def _timing_section(strategy) -> list[str]:

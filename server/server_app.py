@@ -44,8 +44,8 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     from shared_model.util import utc_now
 
     from .initial_model import initial_model, write_init_record
-    from .outputs import RunOutputs
-    from .private_vocab import private_vocabulary
+    from .outputs import NothingTrained, RunOutputs
+    from .private_vocab import VocabRoundFailed, private_vocabulary
     from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, RoundFailed
     from .witness import FederationState, federation_state_path
@@ -58,7 +58,9 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     if rc.get("vocab-source") == "private":  # a DP vocabulary round before round 1 (server/private_vocab.py)
         try:
             vocab_round = private_vocabulary(grid, rc, run_id=str(context.run_id), witness=federation)
-        except RoundFailed as e:
+        except VocabRoundFailed as e:  # what each site said is in the summary; nothing trained
+            outputs.write_summary(run_config=rc, strategy=NothingTrained(e.result.failures), ended=f"failed: {e}",
+                                  seconds=time.perf_counter() - t0, extra=e.result.section())
             raise _refuse(str(e)) from None
         vocab_round.save(outputs.dir)
     try:  # fresh, resume-from or init-from (a pretrained checkpoint, its vocabulary included)

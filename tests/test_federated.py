@@ -269,3 +269,6 @@ def test_a_private_vocabulary_without_words_fails_the_run_by_name(tmp_path, flwr
     for site in ("site-0", "site-1"):  # the release was spent and recorded all the same
         lines = PrivacyLedger(err.value.run_dir / "sites" / site / "ledger.jsonl").records()
         assert [r["kind"] for r in lines] == ["vocab-gaussian"] and lines[0]["words_released"] == 0
+    summary = (err.value.run_dir / "summary.md").read_text()  # the failed run still says what happened
+    assert "- ended: failed: private vocabulary: no word cleared" in summary and "rounds trained: 0 of 1" in summary
+    assert "## Private vocabulary (before round 1)" in summary and "| site-0 | " in summary
