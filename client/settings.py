@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.data import CaptionSet
-from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget, VocabRelease
+from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget, VocabRelease, resolve_grad_sample_mode
 from shared_model.run_folder import run_dir
 
 from .trainer import LocalTraining
@@ -142,7 +142,11 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
                          max_physical_batch_size=int(run_config["max-physical-batch-size"]),
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
                          fixed_batch_shapes=shape == "fixed", trainable=str(run_config.get("trainable", "all")),
-                         grad_sample_mode=str(run_config.get("grad-sample-mode", "hooks")),
+                         grad_sample_mode=resolve_grad_sample_mode(
+                             str(run_config.get("grad-sample-mode", "hooks")),
+                             decoder=str(run_config.get("model-decoder", "transformer")),
+                             trainable=str(run_config.get("trainable", "all")),
+                             precision=str(run_config.get("precision", "fp32"))),
                          precision=str(run_config.get("precision", "fp32")))
 
 

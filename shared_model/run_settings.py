@@ -20,7 +20,7 @@ from shared_model.data.partition import METHODS as PARTITIONERS
 from shared_model.model.config import DECODERS, ENCODERS, FUSIONS
 from shared_model.model.precision import PRECISIONS, check_precision
 from shared_model.privacy.accounting import OPACUS_ACCOUNTANTS
-from shared_model.privacy.dp import GRAD_SAMPLE_MODES, check_grad_sample_mode
+from shared_model.privacy.dp import GRAD_SAMPLE_CHOICES, check_grad_sample_mode
 
 DATASET_FORMATS = ("coco", "karpathy", "csv", "jsonl")  # shared_model.data.loaders.FORMATS, without PIL
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
@@ -132,7 +132,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "batch-size": _int(1),
     "max-physical-batch-size": _int(1),
     "physical-batch-shape": _choice("auto", "fixed", "variable"),
-    "grad-sample-mode": _choice(*GRAD_SAMPLE_MODES),
+    "grad-sample-mode": _choice(*GRAD_SAMPLE_CHOICES),
     "precision": _choice(*PRECISIONS),
     "gallery-size": _int(0),
     "lr": POSITIVE,
@@ -230,7 +230,7 @@ def validate_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     if rc.get("model-encoder-weights") and rc.get("model-encoder", "cnn") != "resnet18":
         raise ValueError(f"model-encoder-weights is only used by model-encoder 'resnet18', got model-encoder "
                          f"{rc.get('model-encoder', 'cnn')!r}")
-    if "grad-sample-mode" in rc:  # ghost clipping refuses the LSTM decoder
+    if rc.get("grad-sample-mode", "auto") != "auto":  # ghost clipping refuses the LSTM decoder
         check_grad_sample_mode(rc["grad-sample-mode"], decoder=rc.get("model-decoder"))
     if "precision" in rc:  # bf16 autocast refuses ghost clipping's bfloat16 norms
         check_precision(rc["precision"], grad_sample_mode=rc.get("grad-sample-mode", "hooks"))

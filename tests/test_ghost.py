@@ -190,3 +190,21 @@ def test_a_site_round_trains_with_ghost_clipping_from_the_run_config(tmp_path, t
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert moved == {n for n, _ in model.named_parameters() if trainable == "all" or parameter_group(n) == "decoder"}
     assert not any(n.startswith("_module.") for n in model.state_dict())
+
+
+@pytest.mark.parametrize("decoder, trainable, precision, expected", [
+    ("transformer", "fusion+decoder", "fp32", "ghost"),  # frozen encoder: ghost measured cheaper
+    ("transformer", "decoder", "auto", "ghost"),
+    ("transformer", "all", "fp32", "hooks"),  # the CNN trains: Conv2d has no ghost norms
+    ("lstm", "decoder", "fp32", "hooks"),  # ghost refuses the LSTM decoder
+    ("transformer", "decoder", "bf16", "hooks"),  # ghost refuses bf16
+])
+def test_auto_grad_sample_mode_picks_ghost_only_where_it_pays_and_works(decoder, trainable, precision, expected):
+    from client.settings import local_training
+
+    rc = {"local-epochs": 1, "batch-size": 16, "lr": 1e-3, "max-physical-batch-size": 16, "trainable": trainable,
+          "grad-sample-mode": "auto", "model-decoder": decoder, "precision": precision}
+    assert local_training(rc, {}).grad_sample_mode == expected
+    from shared_model.run_settings import validate_run_config
+
+    assert validate_run_config(rc)["grad-sample-mode"] == "auto"  # every combination is a valid setting

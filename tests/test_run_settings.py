@@ -25,7 +25,7 @@ BAD_RUN_CONFIG = [
     ("num-server-rounds", 2.5, "num-server-rounds must be an integer >= 1, got 2.5"),
     ("round-timeout", float("inf"), "round-timeout must be a number > 0, got inf"),
     ("datasett", "embedded", "unknown run-config key 'datasett'"),
-    ("grad-sample-mode", "functorch", "grad-sample-mode must be one of 'hooks', 'ghost', got 'functorch'"),
+    ("grad-sample-mode", "functorch", "grad-sample-mode must be one of 'hooks', 'ghost', 'auto', got 'functorch'"),
 ]
 
 

@@ -21,7 +21,8 @@ Two ways to get the per-example norms (`grad_sample_mode`), one mechanism and on
          loss must go through Opacus's DPLossFastGradientClipping wrapper with one loss per caption
          (`model.training.training_loss` does that). Refused for the LSTM decoder, whose recurrent
          Linear runs at every time step (Opacus: "Parameter tying is not supported").
-With noise 0 both give the same clipped, summed gradient (tests/test_ghost.py).
+With noise 0 both give the same clipped, summed gradient (tests/test_ghost.py). The run config also
+takes "auto" (`resolve_grad_sample_mode`): ghost where it was measured cheaper, hooks elsewhere.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 GHOST_DECODERS = ("transformer",)  # the LSTM decoder applies one Linear per time step: ghost refuses it
+GRAD_SAMPLE_CHOICES = (*GRAD_SAMPLE_MODES, "auto")  # what the run config accepts
 
 
 def check_grad_sample_mode(mode: str, *, decoder: str | None = None) -> str:
@@ -57,6 +59,21 @@ def check_grad_sample_mode(mode: str, *, decoder: str | None = None) -> str:
                          f"not supported\"); use grad-sample-mode 'hooks' or decoder {GHOST_DECODERS[0]!r}, "
                          f"got decoder {decoder!r}")
     return mode
+
+
+def resolve_grad_sample_mode(mode: str, *, decoder: str, trainable: str = "all", precision: str = "fp32") -> str:
+    """The mode a site trains with: `mode` itself (checked against `decoder`), or for "auto" ghost
+    where it was measured faster and leaner, hooks elsewhere. Ghost when the decoder is the
+    transformer, the encoder is frozen (`trainable` "decoder" or "fusion+decoder": the trainable
+    layers are then nearly all Linear and Embedding, which Opacus's ghost norms cover) and
+    precision is not bf16 (refused with ghost). Hooks when the CNN encoder trains: Opacus 1.6 has no
+    ghost norms for Conv2d, so ghost's second backward costs more than it saves (CPU, batch 64:
+    2.44x against hooks' 2.23x the plain step; with the encoder frozen ghost 1.31x time and 1.38x
+    memory, hooks 1.41x and 2.27x: docs/results.md)."""
+    if mode == "auto":
+        ghost = decoder in GHOST_DECODERS and trainable != "all" and precision != "bf16"
+        return "ghost" if ghost else "hooks"
+    return check_grad_sample_mode(mode, decoder=decoder)
 
 
 def check_dp_args(*, max_grad_norm: float, target_delta: float, noise_multiplier: float | None = None,
