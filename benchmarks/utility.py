@@ -1,5 +1,6 @@
 """The utility table: caption quality of centralized and federated training, private or not, from
-scratch and from public pretraining, IID and Dirichlet non-IID; writes docs/results.md and JSON.
+scratch and from public pretraining, IID and Dirichlet non-IID; writes its block of docs/results.md
+and docs/results-utility.json.
 
     python benchmarks/utility.py                 # the full table, sized for <= 1 hour on 2 CPU cores
     python benchmarks/utility.py --quick         # a reduced subset (smaller sizes, fewer rows)
@@ -193,7 +194,7 @@ def write(args, size, device, rows, seconds) -> None:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
            "device": str(device), "cpu_threads": torch.get_num_threads(), "sizes": size, "seconds": seconds,
            "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "rows": rows}
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=list) + "\n")
+    args.out.with_name(args.out.stem + "-utility.json").write_text(json.dumps(doc, indent=2, default=list) + "\n")
     lines = [f"| {name} | " + " | ".join(_cell([r.get(k) for r in runs]) for k in METRICS) + f" | {len(runs)} |"
              for name, runs in rows.items()]
     table = "\n".join(["| training | " + " | ".join(METRICS) + " | seeds |", "|---" * (len(METRICS) + 2) + "|",
