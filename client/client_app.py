@@ -10,7 +10,9 @@ from flwr.clientapp import ClientApp
 
 from shared_model.run_settings import validate_node_config
 
-app = ClientApp()
+from .memory import release_memory
+
+app = ClientApp(mods=[release_memory])
 log = logging.getLogger("flwr")
 
 
