@@ -240,3 +240,20 @@ def test_a_bound_above_the_ledger_epsilon_is_a_failure(tmp_path, capsys):
 def test_pyproject_turns_canaries_off_by_default():
     config = run_config()
     assert config["canary-count"] == 0 and config["canary-site"] == 0 and config["canary-seed"] == 0
+
+
+def test_the_generated_split_kept_between_messages_is_never_changed_by_a_site():
+    """client.site_data keeps the generated training split in the process (a simulation actor serves
+    many sites); building a site with feature skew and canaries must leave it as generated."""
+    from client.site_data import _embedded_train
+
+    rc = run_config(**{"canary-count": 10, "canary-site": 0, "feature-skew": True})
+    first = [simulated_site_data(rc, partition_id=k, num_partitions=3) for k in range(3)]
+    kept = _embedded_train(120, int(rc["seed"]), 32)
+    fresh = load_embedded("train", 120, seed=int(rc["seed"]), image_size=32)
+    assert np.array_equal(kept.images, fresh.images) and kept.captions == fresh.captions
+    assert kept.image_ids == fresh.image_ids
+    again = [simulated_site_data(rc, partition_id=k, num_partitions=3) for k in range(3)]
+    for (train, held), (train2, held2) in zip(first, again):
+        assert train.image_ids == train2.image_ids and held.image_ids == held2.image_ids
+        assert np.array_equal(train.images, train2.images)
