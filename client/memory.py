@@ -21,9 +21,10 @@ def malloc_trim() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
+    return True
 
 
 def release_memory(msg: Message, context: Context, call_next) -> Message:

@@ -137,17 +137,17 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
         import torch
 
         shape = "fixed" if torch.cuda.is_available() else "variable"
+    trainable, precision = str(run_config.get("trainable", "all")), str(run_config.get("precision", "fp32"))
     return LocalTraining(local_epochs=int(run_config["local-epochs"]), batch_size=int(run_config["batch-size"]),
                          lr=float(run_config["lr"]),
                          max_physical_batch_size=int(run_config["max-physical-batch-size"]),
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
-                         fixed_batch_shapes=shape == "fixed", trainable=str(run_config.get("trainable", "all")),
+                         fixed_batch_shapes=shape == "fixed", trainable=trainable,
                          grad_sample_mode=resolve_grad_sample_mode(
                              str(run_config.get("grad-sample-mode", "hooks")),
-                             decoder=str(run_config.get("model-decoder", "transformer")),
-                             trainable=str(run_config.get("trainable", "all")),
-                             precision=str(run_config.get("precision", "fp32"))),
-                         precision=str(run_config.get("precision", "fp32")))
+                             decoder=str(run_config.get("model-decoder", "transformer")), trainable=trainable,
+                             precision=precision),
+                         precision=precision)
 
 
 def vocab_release(query_config: Mapping[str, Any]) -> VocabRelease:

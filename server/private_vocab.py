@@ -69,9 +69,9 @@ def private_vocabulary(grid: Grid, run_config: Mapping[str, Any], *, run_id: str
     rc = run_config
     needed = max(int(rc["min-train-nodes"]), int(rc["min-available-nodes"]))
     if (connected := wait_for_nodes(grid, needed, timeout=float(rc["node-wait-timeout"]))) < needed:
-        raise VocabRoundFailed(f"private vocabulary: {connected} node(s) connected, fewer than the {needed} needed "
-                          f"(min-train-nodes / min-available-nodes), after node-wait-timeout {rc['node-wait-timeout']:g} s",
-                               VocabRound(vocab=Vocabulary([])))
+        raise VocabRoundFailed(
+            f"private vocabulary: {connected} node(s) connected, fewer than the {needed} needed (min-train-nodes / "
+            f"min-available-nodes), after node-wait-timeout {rc['node-wait-timeout']:g} s", VocabRound(Vocabulary([])))
     config = ConfigRecord({"vocab-noise-multiplier": float(rc["vocab-noise-multiplier"]),
                            "vocab-max-words-per-record": int(rc["vocab-max-words-per-record"]),
                            "vocab-delta": float(rc["vocab-delta"]),
@@ -112,14 +112,14 @@ def private_vocabulary(grid: Grid, run_config: Mapping[str, Any], *, run_id: str
         log.warning("private vocabulary: %s: %s", f["site"], f["reason"])
     if len(releases) < int(rc["min-train-nodes"]):
         raise VocabRoundFailed(f"private vocabulary: {len(releases)} site(s) released word counts, fewer than "
-                          f"min-train-nodes {rc['min-train-nodes']}"
-                          + "".join(f"; {f['site']}: {f['reason']}" for f in result.failures), result)
+                               f"min-train-nodes {rc['min-train-nodes']}"
+                               + "".join(f"; {f['site']}: {f['reason']}" for f in result.failures), result)
     words = merge_releases(releases)
     if not words:
         raise VocabRoundFailed(f"private vocabulary: no word cleared any site's threshold (vocab-noise-multiplier "
-                          f"{rc['vocab-noise-multiplier']:g}, vocab-max-words-per-record "
-                          f"{rc['vocab-max-words-per-record']}, vocab-delta {rc['vocab-delta']:g}): lower the noise "
-                          f"or raise vocab-delta (up to the sites' target-delta)", result)
+                               f"{rc['vocab-noise-multiplier']:g}, vocab-max-words-per-record "
+                               f"{rc['vocab-max-words-per-record']}, vocab-delta {rc['vocab-delta']:g}): lower the "
+                               f"noise or raise vocab-delta (up to the sites' target-delta)", result)
     result.vocab = Vocabulary(words)
     log.info("private vocabulary: %d words from %d site(s)", len(words), len(releases))
     return result
