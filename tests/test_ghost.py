@@ -31,7 +31,8 @@ def _reference_norms_and_step(model, images, captions, *, max_grad_norm, trainab
     return norms, update
 
 
-def _dp_step(mode, model, images, captions, *, max_grad_norm, trainable="all", physical=None, fixed=False):
+def _dp_step(mode, model, images, captions, *, max_grad_norm, trainable="all", physical=None, fixed=False,
+             precision="fp32"):
     """One DP-SGD step of `mode` with noise 0 and SGD(lr=1) through train_epoch on one logical
     batch (all rows); returns (parameter changes of the trainable parameters, all parameters
     before, all parameters after, the wrapped module)."""
@@ -45,7 +46,7 @@ def _dp_step(mode, model, images, captions, *, max_grad_norm, trainable="all", p
     assert optimizer.expected_batch_size == images.shape[0]
     before = [p.detach().clone() for p in model.parameters()]
     stats = train_epoch(private, optimizer, loader, device="cpu", max_physical_batch_size=physical,
-                        fixed_batch_shapes=fixed)
+                        fixed_batch_shapes=fixed, precision=precision)
     assert stats["steps"] == 1 and stats["examples"] == images.shape[0]
     after = [p.detach().clone() for p in model.parameters()]
     change = [a - b for a, b, p in zip(after, before, model.parameters()) if p.requires_grad]

@@ -5,45 +5,22 @@ float32 one up to bfloat16 rounding; ghost clipping is refused with it; "auto" i
 import copy
 
 import pytest
+import test_ghost
 import torch
-from conftest import random_batch, tiny_config
-from test_ghost import _close, _reference_norms_and_step
-from torch.utils.data import DataLoader, TensorDataset
+from test_ghost import _close, _dp_step, _reference_norms_and_step
 
-from shared_model.model import Captioner, resolve_precision, train_epoch
-from shared_model.privacy import make_private
+from shared_model.model import resolve_precision, train_epoch
 from shared_model.run_settings import validate_run_config
 
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model = Captioner(cfg)
-    images, captions = random_batch(cfg, 8, seed=5)
-    norms, _ = _reference_norms_and_step(model, images, captions, max_grad_norm=1.0)
-    clip = float(norms.sort().values[3:5].mean())  # half the captions clipped
-    return model, images, captions, clip
-
-
-def _dp_step(model, images, captions, clip, precision):
-    model = copy.deepcopy(model)
-    loader = DataLoader(TensorDataset(images, captions), batch_size=images.shape[0])
-    _, private, optimizer, _ = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                                            data_loader=loader, noise_multiplier=1.0, max_grad_norm=clip)
-    optimizer.noise_multiplier = 0.0  # the bare clipped sum
-    before = [p.detach().clone() for p in model.parameters()]
-    train_epoch(private, optimizer, loader, device="cpu", precision=precision)
-    change = [p.detach() - b for p, b in zip(model.parameters(), before)]
-    return change, optimizer
+setup = test_ghost.setup  # the same model, batch and clip (half the captions clipped)
 
 
 def test_bf16_dp_step_clips_float32_per_sample_gradients(setup):
     model, images, captions, clip = setup
     _, expected = _reference_norms_and_step(model, images, captions, max_grad_norm=clip)
-    change, optimizer = _dp_step(model, images, captions, clip, "bf16")
+    change, _, _, private = _dp_step("hooks", model, images, captions, max_grad_norm=clip, precision="bf16")
     # what the optimizer clipped (Opacus keeps the grad samples until the next zero_grad)
-    samples = optimizer.grad_samples
+    samples = [p.grad_sample for p in private.parameters() if p.requires_grad]
     assert samples and all(g.dtype == torch.float32 for g in samples)
     norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples]).norm(2, dim=0)
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
@@ -51,7 +28,7 @@ def test_bf16_dp_step_clips_float32_per_sample_gradients(setup):
     assert torch.all(norms * factors <= clip * (1 + 1e-6))
     # the clipped sum is the float32 one up to bfloat16 rounding of the forward pass (not exact)
     assert _close(change, expected, rel=3e-2)
-    fp32, _ = _dp_step(model, images, captions, clip, "fp32")
+    fp32, *_ = _dp_step("hooks", model, images, captions, max_grad_norm=clip)
     assert _close(fp32, expected, rel=1e-5) and not _close(change, expected, rel=1e-5)
 
 
