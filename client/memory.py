@@ -29,6 +29,8 @@ def malloc_trim() -> bool:
 
 def release_memory(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
-    if "data-dir" not in context.node_config:  # simulated: the actor lives on (client.settings.is_deployed)
+    from .settings import is_deployed  # after the message: its imports (torch) are loaded by then
+
+    if not is_deployed(context.node_config):  # simulated: the actor lives on
         malloc_trim()
     return reply

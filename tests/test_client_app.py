@@ -34,6 +34,7 @@ def test_simulated_sites_give_freed_heap_memory_back_after_a_message(flower_task
     memory grew message after message); after a simulated site's message the mod trims them."""
     import sys
 
+    import client.settings  # noqa: F401 - loaded before measuring (release_memory imports it after a message)
     from client.memory import release_memory
 
     if not sys.platform.startswith("linux"):
