@@ -5,13 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedcap-installed
 # torch and torchvision first, pinned: this machine serves these builds from its own disk.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# pip warns "Location '...' is ignored" once per package and configured index that lacks it (dozens
+# per install): drop those lines only; every other line, errors included, passes, and pipefail keeps
+# pip's exit status.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PIP_FILTER := 2>&1 | sed -u "/^WARNING: Location '.*' is ignored/d"
 
 .PHONY: install run test bench stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(TORCH) $(PIP_FILTER)
+	$(BIN)/pip install -q -e ".[dev]" $(PIP_FILTER)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -68,8 +68,9 @@ def centralized(init, data, test, vocab, *, epochs, lr, eps, device, seed, meteo
     if eps:
         event = plan_dp_sgd(num_records=len(data), batch_size=BATCH, epochs=epochs, target_epsilon=eps,
                             target_delta=1e-5)
-        _, model, optimizer, loader = private_training(module=model, optimizer=optimizer, data_loader=loader,
-                                                       event=event, max_grad_norm=1.0)
+        _, model, optimizer, loader = private_training(module=model, optimizer=optimizer, dataset=loader.dataset,
+                                                       event=event, epochs=epochs, max_grad_norm=1.0,
+                                                       expected_batch_size=len(data) * event.sample_rate)
     for _ in range(epochs):
         train_epoch(model, optimizer, loader, device=device, max_physical_batch_size=256 if eps else None)
     return score(unwrap(model), test, vocab, device, meteor)
@@ -85,7 +86,7 @@ def federated(init, sites, test, vocab, *, rounds, local_epochs, lr, eps, device
     budget = SiteBudget(target_epsilon=eps, target_delta=1e-5, accountant="rdp") if eps else None
     run = f"bench-{time.time_ns()}"
     request = RunRequest(run_id=run, run_epsilon=eps, num_rounds=rounds, local_epochs=local_epochs,
-                         batch_size=BATCH) if eps else None
+                         batch_size=BATCH, count_noise_multiplier=20.0) if eps else None
     for r in range(1, rounds + 1):
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         total, summed = 0, None

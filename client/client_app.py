@@ -53,8 +53,8 @@ def train(msg: Message, context: Context) -> Message:
     from shared_model.model import model_state
     from shared_model.privacy import BudgetExhaustedError
 
-    from .settings import (ledger_is_ephemeral, local_training, run_request, site_budget, site_data, site_ledger,
-                           site_name, witnessed_head)
+    from .settings import (ledger_is_ephemeral, local_training, mechanism_seed, run_request, shares_held_out_metrics,
+                           site_budget, site_data, site_ledger, site_name, witnessed_head)
     from .trainer import train_round
 
     rc, nc, config = context.run_config, context.node_config, msg.content["config"]
@@ -62,6 +62,10 @@ def train(msg: Message, context: Context) -> Message:
     model, vocab, device = _model_and_vocab(msg, context)
     budget = site_budget(rc, nc)
     ledger = site_ledger(rc, nc, context.run_id) if budget is not None else None
+    if ledger is not None and "data-dir" in nc:  # one folder of records, one ledger
+        from shared_model.privacy.identity import bind_data_dir
+
+        bind_data_dir(nc["data-dir"], ledger.path.parent)
     ephemeral = ledger_is_ephemeral(rc, nc)
     site = {"name": name, "ledger-ephemeral": ephemeral}
     threads = cap_threads(nc)
@@ -71,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     # the received global model on the held-out split, before training: the server's federated
     # evaluation of the previous round, without a message (and a process start) of its own
     evaluation = None
-    if config.get("evaluate-received", False):
+    if config.get("evaluate-received", False) and shares_held_out_metrics(nc):
         evaluation = _held_out_metrics(model, vocab, held_out, rc, device)
     phases.mark("evaluate")
     evaluated = {"evaluate": MetricRecord(evaluation)} if evaluation is not None else {}
@@ -81,9 +85,10 @@ def train(msg: Message, context: Context) -> Message:
                               request=run_request(rc, config, context.run_id) if budget else None,
                               server_round=int(config["server-round"]),
                               witness=None if ephemeral else witnessed_head(config, name), device=device,
-                              seed=int(rc["seed"]))
+                              seed=mechanism_seed(rc, nc))
     except BudgetExhaustedError as e:
-        log.warning("%s: %s", name, e)
+        e.args = (f"site {name}: {e} (what next: docs/privacy.md, 'When the budget is spent')",)
+        log.warning("%s", e)
         head, count = e.ledger_head
         content = RecordDict({
             "metrics": MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": e.spent,
@@ -92,12 +97,7 @@ def train(msg: Message, context: Context) -> Message:
             **evaluated,
         })
         return Message(content=content, reply_to=msg)
-    if budget is None:  # same metric keys from every site, or Flower skips the aggregation
-        metrics.update({"epsilon": float("inf"), "delta": 0.0, "target-epsilon": 0.0,  # 0: no budget
-                        "epsilon-remaining": 0.0, "run-epsilon-granted": 0.0,
-                        "records-trained": metrics["num-examples"], "records-retired": 0,
-                        "noise-multiplier": 0.0, "sample-rate": 0.0, "steps": 0})
-    else:
+    if budget is not None:
         site.update({"ledger-head": metrics.pop("ledger-head"), "ledger-records": metrics.pop("ledger-records")})
     phases.mark("train")
     arrays = ArrayRecord(model_state(model))
@@ -110,8 +110,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)  # a named error reply before anything else
-    from .settings import site_data, site_name
+    from .settings import shares_held_out_metrics, site_data, site_name
 
+    if not shares_held_out_metrics(context.node_config):  # no epsilon covers them: say so, send none
+        return Message(content=RecordDict({"site": ConfigRecord({"name": site_name(context.node_config),
+                                                                 "held-out-metrics": "withheld"})}), reply_to=msg)
     model, vocab, device = _model_and_vocab(msg, context)
     _, held_out = site_data(context.run_config, context.node_config)
     metrics = _held_out_metrics(model, vocab, held_out, context.run_config, device)
@@ -127,9 +130,11 @@ def vocab(msg: Message, context: Context) -> Message:
     validate_node_config(context.node_config)
     from shared_model.privacy import BudgetExhaustedError, check_witness, release_vocabulary
 
-    from .settings import (is_deployed, ledger_is_ephemeral, site_budget, site_data, site_ledger, site_name,
+    from shared_model.privacy.site_budget import public_epsilon
+
+    from .settings import (ledger_is_ephemeral, mechanism_seed, site_budget, site_data, site_ledger, site_name,
                            vocab_release, witnessed_head)
-    from .trainer import unique_records
+    from .trainer import site_records
 
     rc, nc, config = context.run_config, context.node_config, msg.content["config"]
     name, ephemeral = site_name(nc), ledger_is_ephemeral(rc, nc)
@@ -138,13 +143,12 @@ def vocab(msg: Message, context: Context) -> Message:
         raise ValueError("vocab-source 'private' needs the site's privacy budget, got dp = false")
     ledger = site_ledger(rc, nc, context.run_id)
     train_set, _ = site_data(rc, nc)
-    ids, rows = unique_records(train_set)  # each distinct record once, as DP-SGD samples them
-    captions = [train_set.captions[r] for r in rows]
-    budget.check_delta(len(ids))
     site = {"name": name, "ledger-ephemeral": ephemeral}
-    # a simulation reproduces its noise from the run's seed; a deployed site draws it from the OS
-    seed = None if is_deployed(nc) else int(rc["seed"]) * 1_000_003 + int(nc.get("partition-id", 0))
+    seed = mechanism_seed(rc, nc)  # None at a deployed site: the OS's entropy
     with ledger.transaction() as tx:
+        ids, rows = site_records(train_set, ledger)  # each distinct record once, as DP-SGD samples them
+        captions = [train_set.captions[r] for r in rows]
+        budget.check_delta(len(ids))
         witness = None if ephemeral else witnessed_head(config, name)
         if witness is not None:
             check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
@@ -158,9 +162,10 @@ def vocab(msg: Message, context: Context) -> Message:
             return Message(content=RecordDict({"site": ConfigRecord({**site, "refused": str(e), "ledger-head": head,
                                                                      "ledger-records": count})}), reply_to=msg)
         head, count = tx.head
+        events, extra = tx.all_events()
     words = sorted(released)
+    # public values only: no count of the records counted or retired (the noisy word counts are the release)
     return Message(content=RecordDict({
         "vocab": ConfigRecord({"words": words, "counts": [float(released[w]) for w in words]}),
-        "metrics": MetricRecord({"epsilon": line["epsilon"], "records-counted": line["records_counted"],
-                                 "records-retired": line["records_retired"], "threshold": line["threshold"]}),
+        "metrics": MetricRecord({"epsilon": public_epsilon(events, extra, budget), "threshold": line["threshold"]}),
         "site": ConfigRecord({**site, "ledger-head": head, "ledger-records": count})}), reply_to=msg)

@@ -1,30 +1,27 @@
-"""A site's decoded records cached on its own disk, so a message does not decode every image again.
+"""A site's records kept on its own disk as a data store, so a message neither decodes every image
+again nor holds every image in memory (shared_model/data/store.py: the files and their checks).
 
-Flower runs every message in a new process; decoding a folder of images costs seconds per message.
 The cache key is a SHA-256 over the loader settings and every file under the data folder (relative
-path, size, modification time), so adding, removing, replacing or touching a file invalidates it.
-The cache lives in the site's state dir (never sent anywhere) as one `.npz` per key, written
-atomically; a corrupt cache file is ignored and rewritten. Record content IDs travel with it
-(`source_digests`), so the ledger sees exactly the records a fresh load would give.
+path, size, modification time), so adding, removing, replacing or touching a file builds a new
+store. The cache folder (client/settings.py `data_cache_dir`) is the site's own and never sent
+anywhere; it keeps the KEEP most recently used stores. A store that cannot be opened (torn,
+truncated, inconsistent) is rebuilt with a warning. Record content IDs travel with the store, so
+the ledger sees exactly the records a fresh load would give.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from shared_model.data import CaptionSet
-from shared_model.util import atomic_write
 
 log = logging.getLogger(__name__)
-KEEP = 2  # cache files kept per site (the newest)
+KEEP = 2  # stores kept per site (the most recently used)
 
 
 def folder_key(root: Path, **settings) -> str:
@@ -38,24 +35,34 @@ def folder_key(root: Path, **settings) -> str:
     return h.hexdigest()
 
 
-def cached_load(cache_dir: Path, key: str, load: Callable[[], CaptionSet]) -> tuple[CaptionSet, bool]:
-    """(records, whether they came from the cache)."""
-    path = cache_dir / f"records-{key[:32]}.npz"
-    if path.is_file():
+def cached_store(cache_dir: Path, key: str, build: Callable[[Path], CaptionSet]) -> tuple[CaptionSet, bool]:
+    """(records, whether they came from an existing store). `build(stem)` writes the store
+    `<cache_dir>/records-<key>` and returns it opened (store.build_store or store.write_store)."""
+    from shared_model.data import StoreError, open_store, store_paths
+
+    stem = Path(cache_dir) / f"records-{key[:32]}"
+    npy, meta = store_paths(stem)
+    if meta.exists() or npy.exists():
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                data = CaptionSet(images=z["images"], captions=[tuple(c) for c in meta["captions"]],
-                                  image_ids=meta["image_ids"], source_digests=meta["source_digests"])
+            data = open_store(stem)
+            os.utime(meta)  # most recently used: kept by the pruning below
             return data, True
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring the unreadable data cache %s: %s", path, e)
-    data = load()
-    buffer = io.BytesIO()
-    meta = {"captions": [list(c) for c in data.captions], "image_ids": data.image_ids,
-            "source_digests": data.source_digests}
-    np.savez(buffer, images=data.images, meta=np.array(json.dumps(meta)))
-    atomic_write(path, buffer.getvalue())
-    for old in sorted(cache_dir.glob("records-*.npz"), key=lambda p: p.stat().st_mtime)[:-KEEP]:
-        old.unlink(missing_ok=True)
+        except (OSError, StoreError) as e:
+            log.warning("rebuilding the unusable data store %s: %s", stem, e)
+    data = build(stem)
+    _prune(Path(cache_dir))
     return data, False
+
+
+def _prune(cache_dir: Path) -> None:
+    """Keep the KEEP most recently used stores; remove older ones, image files left without their
+    .json by a crash, and the one-file caches of earlier versions (records-*.npz)."""
+    for old in cache_dir.glob("records-*.npz"):
+        old.unlink(missing_ok=True)
+    metas = sorted(cache_dir.glob("records-*.json"), key=lambda p: p.stat().st_mtime)
+    for meta in metas[:-KEEP]:
+        meta.unlink(missing_ok=True)  # the commit mark first: a half-removed store is never opened
+        meta.with_suffix(".npy").unlink(missing_ok=True)
+    for npy in cache_dir.glob("records-*.npy"):
+        if not npy.with_suffix(".json").exists():
+            npy.unlink(missing_ok=True)

@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.data import CaptionSet
-from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget, VocabRelease, resolve_grad_sample_mode
+from shared_model.privacy.dp import resolve_grad_sample_mode
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.site_budget import RunRequest, SiteBudget
+from shared_model.privacy.vocab_release import VocabRelease
 from shared_model.run_folder import run_dir
 
 from .trainer import LocalTraining
@@ -23,10 +26,14 @@ def site_name(node_config: Mapping[str, Any]) -> str:
 
 
 def state_dir(run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int | str) -> Path:
-    """Deployment: node_config `state-dir`. Simulation: `site-state-dir`/<site> when set (state that
-    outlives runs, like a real site's disk), else <run folder>/sites/<site>."""
+    """Deployment: node_config `state-dir`, required (no run-config value can place or discard a
+    deployed site's ledger). Simulation: `site-state-dir`/<site> when set (state that outlives runs,
+    like a real site's disk), else <run folder>/sites/<site>."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"])).expanduser().absolute()
+    if is_deployed(node_config):
+        raise ValueError("node_config has no 'state-dir': a deployed site keeps its privacy ledger in its own "
+                         "folder (start the SuperNode with --node-config \"state-dir=/path/on/the/site ...\")")
     shared = str(run_config.get("site-state-dir", ""))
     base = Path(shared).expanduser().absolute() if shared else run_dir(run_config, run_id) / "sites"
     return base / site_name(node_config)
@@ -36,13 +43,44 @@ def site_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     from .site_data import deployed_site_data, simulated_site_data
 
     if "data-dir" in node_config:
-        cache = Path(str(node_config["state-dir"])).expanduser() / "cache" if "state-dir" in node_config else None
-        return deployed_site_data(node_config, image_size=int(run_config["image-size"]), cache_dir=cache)
+        return deployed_site_data(node_config, image_size=int(run_config["image-size"]),
+                                  cache_dir=data_cache_dir(node_config))
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError("node_config needs 'data-dir' (deployment) or 'partition-id' and 'num-partitions' "
                          "(simulation)")
     return simulated_site_data(run_config, partition_id=int(node_config["partition-id"]),
                                num_partitions=int(node_config["num-partitions"]))
+
+
+def data_cache_dir(node_config: Mapping[str, Any]) -> Path | None:
+    """Where a deployed site keeps its decoded records (a copy of its private images, never sent):
+    node_config `cache-dir`, else `<state-dir>-cache` beside (not inside) the state dir, so backing
+    up or mirroring the ledger never copies images; None (no cache) without either."""
+    if "cache-dir" in node_config:
+        return Path(str(node_config["cache-dir"])).expanduser().absolute()
+    if "state-dir" in node_config:
+        state = Path(str(node_config["state-dir"])).expanduser().absolute()
+        return state.with_name(state.name + "-cache")
+    return None
+
+
+def mechanism_seed(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int | None:
+    """None at a deployed site: its DP randomness comes from the OS, never from a value the server
+    sends (privacy/randomness.py). A simulated site seeds from the run's `seed` and its partition, so
+    that a simulation is reproducible."""
+    if is_deployed(node_config):
+        return None
+    return int(run_config["seed"]) * 1_000_003 + int(node_config.get("partition-id", 0))
+
+
+def shares_held_out_metrics(node_config: Mapping[str, Any]) -> bool:
+    """Whether this site sends caption metrics of its held-out split (records it never trains on,
+    whose metrics no epsilon covers). A deployed DP site only with node_config
+    `share-held-out-metrics = true`; a non-private site and a simulated one (whose operator owns
+    every partition) always."""
+    if not is_deployed(node_config) or node_config.get("non-private", False):
+        return True
+    return bool(node_config.get("share-held-out-metrics", False))
 
 
 def is_deployed(node_config: Mapping[str, Any]) -> bool:
@@ -53,7 +91,8 @@ def is_deployed(node_config: Mapping[str, Any]) -> bool:
 def ledger_is_ephemeral(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> bool:
     """A simulated site whose ledger lives inside this run's folder: new with every run by design,
     so no witness from an earlier run applies to it."""
-    return "state-dir" not in node_config and not str(run_config.get("site-state-dir", ""))
+    return not is_deployed(node_config) and "state-dir" not in node_config and \
+        not str(run_config.get("site-state-dir", ""))
 
 
 def site_budget(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteBudget | None:
@@ -111,6 +150,7 @@ def run_request(run_config: Mapping[str, Any], train_config: Mapping[str, Any], 
     return RunRequest(run_id=str(run_id), run_epsilon=_number(run_config, "run-epsilon"),
                       num_rounds=int(run_config["num-server-rounds"]), local_epochs=int(run_config["local-epochs"]),
                       batch_size=int(run_config["batch-size"]),
+                      count_noise_multiplier=_number(run_config, "count-noise-multiplier"),
                       init_checkpoint=str(train_config.get("init-checkpoint", "")))
 
 

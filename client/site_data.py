@@ -10,6 +10,7 @@ run and restart.
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,20 +78,31 @@ def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int,
                        cache_dir: Path | None = None) -> tuple[CaptionSet, CaptionSet]:
     """`data-dir` holds the site's files; `dataset-format` is coco (captions.json + images/),
     karpathy (dataset.json + images/), csv (captions.csv) or jsonl (captions.jsonl). With
-    `cache_dir` the decoded records are cached there, keyed by the folder's content (data_cache.py)."""
+    `cache_dir` the records live in a data store there (data_cache.py, shared_model/data/store.py):
+    decoded once by `decode-workers` processes (default: every core), then read from disk row by
+    row, so memory does not grow with the number of records. Without it, decoded into memory."""
     from shared_model.data import load_dataset_folder
 
     if "data-dir" not in node_config:
         raise ValueError("node_config has no 'data-dir' (start the SuperNode with --node-config \"data-dir=...\")")
     fmt, root = str(node_config.get("dataset-format", "coco")), Path(str(node_config["data-dir"]))
     skip_bad = bool(node_config.get("skip-bad-records", False))
-
-    def load() -> CaptionSet:
-        return load_dataset_folder(fmt, root, image_size=image_size, skip_bad=skip_bad)
-
     if cache_dir is None or not root.is_dir():
-        return _split_held_out(load())
-    from .data_cache import cached_load, folder_key
+        return _split_held_out(load_dataset_folder(fmt, root, image_size=image_size, skip_bad=skip_bad))
+    from shared_model.data import STORE_FORMAT, build_store, parse_dataset_folder
 
-    data, _ = cached_load(cache_dir, folder_key(root, format=fmt, image_size=image_size, skip_bad=skip_bad), load)
+    from .data_cache import cached_store, folder_key
+
+    workers = node_config.get("decode-workers")
+
+    def build(stem: Path) -> CaptionSet:
+        return build_store(parse_dataset_folder(fmt, root), stem, image_size=image_size, skip_bad=skip_bad,
+                           workers=None if workers is None else int(workers), report=_report)
+
+    key = folder_key(root, format=fmt, image_size=image_size, skip_bad=skip_bad, store=STORE_FORMAT)
+    data, _ = cached_store(cache_dir, key, build)
     return _split_held_out(data)
+
+
+def _report(line: str) -> None:  # the first decode's progress, on the SuperNode's terminal
+    print(line, file=sys.stderr, flush=True)

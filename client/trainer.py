@@ -3,13 +3,19 @@
 Order of operations, each a privacy requirement (docs/privacy.md):
   1. lock the ledger, read and verify it once (hash chain, membership files), and check that it
      still holds the head the server witnessed last time (a lost or rolled-back ledger refuses);
-  2. plan the round from public quantities and the ledger only (site_budget.plan_round): the run's
-     grant (allowance and noise multiplier calibrated to it over the whole run plan, written once
-     per run), each record's projected epsilon, the records retired because they would exceed the
-     site's budget, and the Poisson sample rate over the records that remain;
-  3. train on the remaining records (Opacus: Poisson sampling, per-example clipping, noise);
-  4. append the round (mechanism + membership version, epsilon exactly as checked) before any
+  2. at a run's first round, release the run's noisy count and write it, then the run's grant
+     (allowance, noise multiplier calibrated to it over the whole run, the sample rate and steps
+     from the noisy count: site_budget.py);
+  3. plan the round (site_budget.plan_round): refuse a round outside the plan or already trained,
+     or one that would pass the grant; retire the records that would exceed the site's budget;
+  4. train on the remaining records (Opacus: Poisson sampling, per-example clipping, noise, all
+     drawn from generators seeded by the OS at a deployed site: privacy/randomness.py), and check
+     that exactly the planned steps ran;
+  5. append the round (mechanism + membership version, epsilon exactly as checked) before any
      weights leave the site; unlock.
+The reply carries the weights and public values only: the noisy count as num-examples, the
+mechanism's parameters, and the epsilon of a record in every event of the ledger (an upper bound
+on every record's; the exact per-record figures never leave the site). No training loss.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ from torch.utils.data import DataLoader
 
 from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
 from shared_model.model import Captioner, check_precision, check_trainable, set_trainable, train_epoch
-from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, RunRequest, SiteBudget, check_grad_sample_mode,
-                                  check_witness, compute_epsilon, plan_round, private_training, unwrap)
+from shared_model.privacy.dp import check_grad_sample_mode, private_training, unwrap
+from shared_model.privacy.identity import RecordIdentities, row_aliases
+from shared_model.privacy.ledger import BudgetExhaustedError, PrivacyLedger, check_witness
+from shared_model.privacy.randomness import gaussian, mechanism_randomness
+from shared_model.privacy.site_budget import (RunRequest, SiteBudget, make_grant, plan_round, public_epsilon,
+                                              release_count)
 
 log = logging.getLogger(__name__)
 
@@ -54,89 +64,115 @@ class LocalTraining:
         check_precision(self.precision, grad_sample_mode=self.grad_sample_mode)
 
 
-def unique_records(data: CaptionSet) -> tuple[list[str], list[int]]:
-    """(content IDs, row indices) with each distinct record once: a record present twice would be
-    sampled twice per step, which the per-record accounting does not cover."""
-    seen: dict[str, int] = {}
-    for i, rid in enumerate(data.record_ids()):
-        seen.setdefault(rid, i)
-    if len(seen) < len(data):
-        log.warning("%d duplicate record(s) (same image and captions) left out", len(data) - len(seen))
-    return list(seen), list(seen.values())
+def site_records(data: CaptionSet, ledger: PrivacyLedger) -> tuple[list[str], list[int]]:
+    """(record IDs, row indices), each record once, as the ledger knows them (privacy/identity.py:
+    an image or declared id seen before keeps its record's history through edits). Call under the
+    ledger's lock: new aliases are written before anything trains."""
+    identities = RecordIdentities(ledger.path.parent / "identities.json")
+    resolved = identities.resolve(data.record_ids(), row_aliases(data))
+    if resolved.duplicates or resolved.conflicts:
+        log.warning("%d row(s) are copies of a record already loaded and %d row(s) name two records: left out",
+                    resolved.duplicates, resolved.conflicts)
+    identities.save()
+    return resolved.record_ids, resolved.rows
 
 
 def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining,
                 budget: SiteBudget | None, ledger: PrivacyLedger | None, request: RunRequest | None,
                 server_round: int, witness: tuple[str, int] | None = None, device: torch.device | str = "cpu",
-                seed: int = 0) -> dict[str, Any]:
+                seed: int | None = None) -> dict[str, Any]:
     """Train `model` in place for one round; returns the reply's metrics (and `ledger-head`,
     `ledger-records` when private). With `budget`, raises BudgetExhaustedError (nothing trained,
-    nothing recorded but the run's grant) when too few records can train, and LedgerRollbackError
-    when the ledger lacks the witnessed head."""
-    torch.manual_seed(seed * 100_003 + server_round)
+    nothing recorded but the run's count and grant) when the run or this round cannot go ahead, and
+    LedgerRollbackError when the ledger lacks the witnessed head. `seed` None (a deployed site):
+    the count, the Poisson sampling and the noise come from the OS's entropy; a seed (simulation)
+    reproduces them, per round."""
+    round_seed = None if seed is None else seed * 100_003 + server_round
+    rand = mechanism_randomness(seed=round_seed, device=device)
     if budget is None:
-        losses = _train(model, data, vocab, training, event=None, budget=None, device=device)
-        return {"num-examples": len(data), "train-loss": losses[-1]}
-    ids, rows = unique_records(data)
-    budget.check_delta(len(ids))
+        _train(model, data, vocab, training, event=None, budget=None, device=device, rand=rand)
+        return {"num-examples": len(data), **NON_PRIVATE_METRICS}
     with ledger.transaction() as tx:
+        ids, rows = site_records(data, ledger)
+        budget.check_delta(len(ids))
         if witness is not None:
             check_witness(tx.records, head=witness[0], count=witness[1], path=ledger.path)
         try:
-            released = tx.run_releases(request.run_id)  # this run's vocabulary release shares its allowance
-            plan = plan_round(histories=tx.histories(), grant=tx.grant(request.run_id), record_ids=ids,
-                              budget=budget, request=request, server_round=server_round,
-                              spent_in_run=compute_epsilon(released, target_delta=budget.target_delta,
-                                                           accountant=budget.accountant))
+            grant = tx.grant(request.run_id)
+            if grant is None:  # the run's first round: its count, then its grant, both in the ledger
+                count = release_count(histories=tx.histories(), record_ids=ids, budget=budget, request=request,
+                                      gauss=lambda sigma: gaussian(sigma, seed=round_seed))
+                tx.append_count(run_id=request.run_id, members=count.members,
+                                noise_multiplier=request.count_noise_multiplier, noisy_count=count.noisy_count,
+                                target_epsilon=budget.target_epsilon, target_delta=budget.target_delta,
+                                accountant=budget.enforcing, epsilon=count.epsilon)
+                history, history_delta = tx.events_before(request.run_id)
+                grant = tx.append(make_grant(noisy_count=count.noisy_count, prior=tx.run_events(request.run_id),
+                                             prior_extra_delta=tx.run_extra_delta(request.run_id), budget=budget,
+                                             request=request, history=history, history_extra_delta=history_delta))
+            plan = plan_round(histories=tx.histories(), grant=grant, record_ids=ids, budget=budget,
+                              server_round=server_round, run_events=tx.run_events(request.run_id),
+                              run_extra_delta=tx.run_extra_delta(request.run_id),
+                              trained_rounds=tx.trained_rounds(request.run_id))
         except BudgetExhaustedError as e:
             e.ledger_head = tx.head  # the refusal reply carries it without reading the ledger again
             raise
-        if plan.new_grant:
-            tx.append(plan.grant)
         keep = set(plan.train_ids)
         subset = data.subset([r for r, rid in zip(rows, ids) if rid in keep])
-        losses = _train(model, subset, vocab, training, event=plan.event, budget=budget, device=device)
+        steps = _train(model, subset, vocab, training, event=plan.event, budget=budget, device=device, rand=rand,
+                       expected_batch_size=grant["records"] * grant["sample_rate"])
+        if steps != plan.event.steps:  # the ledger must describe the mechanism that ran
+            raise RuntimeError(f"the round took {steps} optimizer steps where the plan (and the ledger) says "
+                               f"{plan.event.steps}; nothing is sent")
         tx.append_round(run_id=request.run_id, server_round=server_round, event=plan.event, members=plan.train_ids,
                         retired=plan.retired, max_grad_norm=budget.max_grad_norm,
                         target_epsilon=budget.target_epsilon, target_delta=budget.target_delta,
-                        accountant=budget.accountant, epsilon=plan.epsilon_trained,
+                        accountant=budget.enforcing, epsilon=plan.epsilon_trained,
                         init_checkpoint=request.init_checkpoint)
-        head, count = tx.head
-    return {"num-examples": len(subset), "train-loss": losses[-1], "epsilon": plan.epsilon_after,
-            "delta": budget.target_delta, "target-epsilon": budget.target_epsilon,
-            "epsilon-remaining": budget.target_epsilon - plan.epsilon_after,
-            "run-epsilon-granted": plan.grant["granted_epsilon"], "records-trained": len(plan.train_ids),
-            "records-retired": plan.retired, "noise-multiplier": plan.event.noise_multiplier,
-            "sample-rate": plan.event.sample_rate, "steps": plan.event.steps,
-            "ledger-head": head, "ledger-records": count}
+        events, extra = tx.all_events()
+        head, count_lines = tx.head
+    bound = public_epsilon(events, extra, budget)
+    return {"num-examples": int(grant["records"]), "epsilon": bound, "delta": budget.target_delta,
+            "target-epsilon": budget.target_epsilon, "epsilon-remaining": max(0.0, budget.target_epsilon - bound),
+            "run-epsilon-granted": grant["granted_epsilon"], "run-epsilon-spent": plan.run_epsilon_after,
+            "noise-multiplier": plan.event.noise_multiplier, "sample-rate": plan.event.sample_rate,
+            "steps": plan.event.steps, "ledger-head": head, "ledger-records": count_lines}
+
+
+# What a site without a budget reports, so that every reply has the same keys (update_checks.TRAIN_METRICS).
+NON_PRIVATE_METRICS = {"epsilon": float("inf"), "delta": 0.0, "target-epsilon": 0.0, "epsilon-remaining": 0.0,
+                       "run-epsilon-granted": 0.0, "run-epsilon-spent": 0.0, "noise-multiplier": 0.0,
+                       "sample-rate": 0.0, "steps": 0}
 
 
 def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining, *, event,
-           budget: SiteBudget | None, device) -> list[float]:
-    loader = DataLoader(CaptionDataset(data, vocab, max_len=model.config.max_len), batch_size=training.batch_size,
-                        shuffle=True)
+           budget: SiteBudget | None, device, rand, expected_batch_size: float = 0.0) -> int:
+    """Local training; the optimizer steps taken (under DP: those the accountant counts)."""
+    dataset = CaptionDataset(data, vocab, max_len=model.config.max_len)
+    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=rand.sampling)
     model.to(device).train()
     params = set_trainable(model, training.trainable)  # before make_private: frozen = no grad, no noise
     global_weights = [p.detach().clone() for p in model.parameters()] if training.proximal_mu else None
     optimizer = torch.optim.AdamW(params, lr=training.lr)
     wrapped = model
     if event is not None:
-        _, wrapped, optimizer, loader = private_training(module=model, optimizer=optimizer, data_loader=loader,
-                                                         event=event, max_grad_norm=budget.max_grad_norm,
-                                                         accountant=budget.accountant,
-                                                         grad_sample_mode=training.grad_sample_mode)
+        _, wrapped, optimizer, loader = private_training(
+            module=model, optimizer=optimizer, dataset=dataset, event=event, epochs=training.local_epochs,
+            expected_batch_size=expected_batch_size, max_grad_norm=budget.max_grad_norm,
+            accountant=budget.accountant, grad_sample_mode=training.grad_sample_mode,
+            sampling_generator=rand.sampling, noise_generator=rand.noise)
 
     def proximal_pull() -> None:  # FedProx's proximal gradient, data-independent: no privacy cost
         with torch.no_grad():
             for p, g in zip(unwrap(wrapped).parameters(), global_weights):
                 p.sub_(training.lr * training.proximal_mu * (p - g))
 
-    losses = []
+    steps = 0
     for _ in range(training.local_epochs):
         stats = train_epoch(wrapped, optimizer, loader, device=device,
                             max_physical_batch_size=training.max_physical_batch_size if event else None,
                             after_step=proximal_pull if global_weights is not None else None,
                             fixed_batch_shapes=training.fixed_batch_shapes and event is not None,
                             precision=training.precision)
-        losses.append(stats["loss"])
-    return losses
+        steps += stats["steps"]
+    return steps

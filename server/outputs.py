@@ -1,17 +1,20 @@
-"""A run's folder: per-round metrics (JSON Lines), a checkpoint per round, and the Markdown summary
-with a plot of CIDEr-D and epsilon per round."""
+"""A run's folder: per-round metrics (JSON Lines), a checkpoint per round (round-0000: the start),
+`checkpoints/LATEST` (the last trained round) and `checkpoints/BEST` (server/selection.py), and the
+Markdown summary with a plot of CIDEr-D and epsilon per round."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared_model.model import save_checkpoint
-from shared_model.util import json_safe, utc_now
+from shared_model.util import atomic_write, json_safe, utc_now
+
+from .selection import SELECTION_METRIC, best_round
+from .strategy import BUDGET_METRICS
 
 
 class RunOutputs:
@@ -20,6 +23,7 @@ class RunOutputs:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.federated_path = self.dir / "federated.jsonl"
+        self.checkpoints = self.dir / "checkpoints"
 
     def save_run_config(self, run_config: dict[str, Any]) -> Path:
         path = self.dir / "run_config.json"
@@ -38,38 +42,79 @@ class RunOutputs:
     def rounds(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.metrics_path)
 
+    def save_start(self, init) -> Path:
+        """checkpoints/round-0000: the model the federation starts from (an InitialModel: fresh,
+        init-from or resume-from), round 0's candidate for BEST. LATEST names trained rounds only."""
+        return save_checkpoint(self.checkpoints / _round_name(0), init.model, init.vocab,
+                               metadata={"kind": "start", "server_round": 0, **init.record()})
+
     def save_checkpoint(self, server_round: int, model, vocab) -> Path:
-        path = save_checkpoint(self.dir / "checkpoints" / f"round-{server_round:04d}", model, vocab,
+        """A trained round's checkpoint; LATEST names it."""
+        path = save_checkpoint(self.checkpoints / _round_name(server_round), model, vocab,
                                metadata={"kind": "federated", "server_round": server_round})
-        latest = self.dir / "checkpoints" / "LATEST"
-        tmp = latest.with_name(".LATEST.tmp")
-        tmp.write_text(path.name + "\n")
-        os.replace(tmp, latest)  # never a torn or empty LATEST
+        self._point("LATEST", path.name)
         return path
 
+    def checkpoint_rounds(self) -> set[int]:
+        """The rounds with a checkpoint folder holding its weights."""
+        if not self.checkpoints.is_dir():
+            return set()
+        return {int(p.name[6:]) for p in self.checkpoints.glob("round-*")
+                if p.name[6:].isdigit() and (p / "model.safetensors").is_file()}
+
+    def best(self) -> dict[str, Any] | None:
+        """The metrics row of the best scored round that has a checkpoint (server/selection.py)."""
+        return best_round(self.rounds(), candidates=self.checkpoint_rounds())
+
+    def update_best(self) -> dict[str, Any] | None:
+        """Point checkpoints/BEST at the best round so far; its metrics row (None: none scored yet)."""
+        best = self.best()
+        if best is not None:
+            self._point("BEST", _round_name(best["round"]))
+        return best
+
+    def best_line(self) -> str:
+        """The end-of-run line naming BEST."""
+        best = self.best()
+        if best is None:
+            return "BEST: none (no round with a checkpoint was scored)"
+        return (f"BEST: {self.checkpoints / _round_name(best['round'])} (round {best['round']}, server-side "
+                f"validation {_score(best)}): deploy it; continue training from LATEST")
+
+    def _point(self, pointer: str, folder: str) -> None:
+        atomic_write(self.checkpoints / pointer, (folder + "\n").encode())  # never a torn or empty pointer
+
     def write_summary(self, *, run_config: dict[str, Any], strategy, ended: str, seconds: float,
-                      extra: list[str] = ()) -> Path:
-        """summary.md: how the run ended, every round's server-side metrics, federated evaluation,
-        every site's failures (errors, refusals, rejected updates) and its budget as it reported it."""
+                      extra: list[str] = (), signal: str = "") -> Path:
+        """summary.md: how the run ended, every round's server-side metrics, the best round (picked
+        by `signal`, server/selection.py's selection_signal), federated evaluation, every site's
+        failures (errors, refusals, rejected updates) and its budget as it reported it."""
+        from shared_model.evaluation import decoding
+
         rows = self.rounds()
         metric_keys = ["BLEU-4", "ROUGE-L", "CIDEr-D", "loss"]
+        beam = run_config.get("eval-beam-size")
+        decoded = f", {decoding(beam)}" if isinstance(beam, int) else ""  # every score depends on it
         lines = ["# FedCap run summary", "", f"- ended: {ended}", f"- wall time: {seconds:.0f} s",
                  f"- rounds trained: {len(strategy.trained_rounds)} of {run_config.get('num-server-rounds')}",
                  f"- strategy: {run_config.get('strategy')}, DP requested: {run_config.get('dp')} "
                  f"(each site's budget is its own: see below)", "",
                  "## Server-side evaluation per round", "",
+                 f"Scored on the server's evaluation set{decoded} (eval-beam-size; `fedcap evaluate` "
+                 f"defaults to the same).", "",
                  "| round | " + " | ".join(metric_keys) + " | mean site epsilon |",
                  "|---" * (len(metric_keys) + 2) + "|"]
         for r in rows:
             vals = " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), (int, float)) else "" for k in metric_keys)
             eps = r.get("train-epsilon", "")
             lines.append(f"| {r['round']} | {vals} | {eps if isinstance(eps, str) else f'{eps:.3f}'} |")
+        lines += self._best_section(rows, signal)
         federated = _read_jsonl(self.federated_path)
         if federated:  # the weighted mean every round, each site in the last round
             last = federated[-1]
             rows_fed = [(r["round"], "weighted mean", r["mean"]) for r in federated]
             rows_fed += [(last["round"], site, m) for site, m in sorted(last["sites"].items())]
-            lines += ["", "## Federated evaluation (each site's held-out split)", "",
+            lines += ["", f"## Federated evaluation (each site's held-out split{decoded})", "",
                       "| round | site | " + " | ".join(metric_keys) + " | records |", "|---" * (len(metric_keys) + 3) + "|"]
             for rnd, site, m in rows_fed:
                 vals = " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "" for k in metric_keys)
@@ -83,6 +128,32 @@ class RunOutputs:
         lines.append("")
         (self.dir / "summary.md").write_text("\n".join(lines), encoding="utf-8")
         return self.dir / "summary.md"
+
+    def _best_section(self, rows: list[dict[str, Any]], signal: str) -> list[str]:
+        """BEST, what picked it, and how it compares with round 0 and the last round."""
+        lines = ["", "## Best round: checkpoints/BEST (deploy it; continue training from checkpoints/LATEST)", ""]
+        best = best_round(rows, candidates=self.checkpoint_rounds())
+        if best is None:
+            return lines + ["No round with a checkpoint was scored: no BEST."]
+        start, last = next((r for r in rows if r["round"] == 0), None), max(rows, key=lambda r: r["round"])
+        lines += [f"- BEST: round {best['round']} (checkpoints/{_round_name(best['round'])}), "
+                  f"{_score(best)}",
+                  f"- picked by: {signal or 'server-side validation ' + SELECTION_METRIC}; higher is better, "
+                  f"ties go to the earlier round; candidates: round 0 (the start) and every trained round",
+                  f"- round 0, the start ({self._start()}): "
+                  + (f"{_score(start)}{_gain(best, start)}" if start else "not scored")]
+        if last["round"] > 0:
+            lines.append(f"- last round, {last['round']}: {_score(last)}{_gain(best, last)}")
+        else:
+            lines.append("- no round trained: BEST is the start")
+        return lines
+
+    def _start(self) -> str:
+        """Where round 0's model came from (init_checkpoint.json): fresh, init-from or resume-from."""
+        path = self.dir / "init_checkpoint.json"
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        source = record.get("source", "fresh")
+        return f"{source} {record['checkpoint']}" if record.get("checkpoint") else source
 
     def _plot(self, rows: list[dict[str, Any]]) -> Path | None:
         if not rows:
@@ -122,6 +193,25 @@ class NothingTrained:
     timings: dict = field(default_factory=dict)
 
 
+def _round_name(server_round: int) -> str:
+    return f"round-{server_round:04d}"
+
+
+def _score(row: dict[str, Any]) -> str:
+    value = row.get(SELECTION_METRIC)
+    return f"{SELECTION_METRIC} {value:.4f}" if isinstance(value, (int, float)) else f"{SELECTION_METRIC} not scored"
+
+
+def _gain(best: dict[str, Any], other: dict[str, Any]) -> str:
+    """BEST's lead over `other` on the selection metric."""
+    value = other.get(SELECTION_METRIC)
+    if other["round"] == best["round"]:
+        return " (this is BEST)"
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return ""
+    return f" (BEST is {best[SELECTION_METRIC] - value:+.4f})"
+
+
 def _timing_section(strategy) -> list[str]:
     """Where each site's train message spent its time (seconds), per round: before the handler
     (process start, imports, app bundle), set-up, data, evaluation of the received model
@@ -142,15 +232,18 @@ def _timing_section(strategy) -> list[str]:
 
 def _site_sections(strategy) -> list[str]:
     """Each site's budget as it reported it (reply metrics), then every failure of every round."""
-    keys = ("epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted", "records-trained",
-            "records-retired")
+    keys = BUDGET_METRICS
     lines = ["", "## Each site's budget, as the site reported it", "",
              "epsilon: the largest per-record lifetime epsilon after its last round; target-epsilon: its lifetime "
-             "budget per record; run-epsilon-granted: this run's allowance; records retired: left out because "
-             "they would pass the budget (docs/privacy.md).", "",
+             "budget per record; run-epsilon-granted, run-epsilon-spent: this run's allowance and spend "
+             "(docs/privacy.md); epsilon-remaining of a site that refused: its target-epsilon less its epsilon; "
+             "non-private: a site without a budget (a `dp = false` baseline, no epsilon); a blank cell: the site "
+             "did not report it.", "",
              "| site | " + " | ".join(keys) + " | budget exhausted |", "|---" * (len(keys) + 2) + "|"]
     for site, budget in sorted(strategy.site_budget.items()):
-        vals = " | ".join(f"{budget[k]:.4g}" if k in budget else "" for k in keys)
+        budget = _as_shown(budget, exhausted=site in strategy.exhausted)
+        vals = " | ".join(budget[k] if isinstance(budget.get(k), str) else f"{budget[k]:.4g}"
+                          if isinstance(budget.get(k), (int, float)) else "" for k in keys)
         lines.append(f"| {site} | {vals} | {'yes' if site in strategy.exhausted else ''} |")
     if not strategy.site_budget:
         lines.append("| (no site reported a budget) |" + " |" * (len(keys) + 1))
@@ -162,6 +255,19 @@ def _site_sections(strategy) -> list[str]:
         why = str(f["reason"]).replace("|", "/").replace("\n", " ")
         lines.append(f"| {f['round']} | {f['site']} | {f['node']} | {f['kind']} | {why} |")
     return lines
+
+
+def _as_shown(budget: dict[str, float], *, exhausted: bool) -> dict[str, float | str]:
+    """A site's reported budget as the summary shows it. A non-private site (epsilon inf, client/
+    trainer.py's NON_PRIVATE_METRICS) has no budget: "non-private" and "-", never a budget of 0. A
+    site that refused for budget reports its spend and target but not what is left: derived from them."""
+    eps = budget.get("epsilon")
+    if isinstance(eps, float) and math.isinf(eps):
+        return {k: "non-private" if k == "epsilon" else "-" for k in budget}
+    shown: dict[str, float | str] = dict(budget)
+    if exhausted and {"epsilon", "target-epsilon"} <= budget.keys():  # a refusal's spend, never an older round's
+        shown["epsilon-remaining"] = max(0.0, budget["target-epsilon"] - budget["epsilon"])
+    return shown
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -4,10 +4,11 @@ The server sends one "query.vocab" message to every connected site with the rele
 (vocab-noise-multiplier, vocab-max-words-per-record, vocab-delta) and the witnessed ledger heads.
 Each site checks its budget and releases, thresholded at the site, the noisy counts of the words of
 its own records (client/client_app.py, shared_model/privacy/vocab_release.py), spending it in its
-ledger as a "vocab-gaussian" line. The server only sums what the sites released (post-processing:
-no further privacy cost) and builds the vocabulary of the run's fresh model from every released
-word, most counted first. The run fails when fewer sites released than `min-train-nodes`, or when
-no word cleared any site's threshold.
+ledger as a "vocab-gaussian" line. The ledger head of every reply whose site name binds to its node
+(server.strategy.bind_site), released or refused, is witnessed (server/witness.py). The server only
+sums what the sites released (post-processing: no further privacy cost) and builds the vocabulary
+of the run's fresh model from every released word, most counted first. The run fails when fewer
+sites released than `min-train-nodes`, or when no word cleared any site's threshold.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ class VocabRound:
         """Markdown lines for the run summary."""
         lines = ["", "## Private vocabulary (before round 1)", "",
                  f"{len(self.vocab) - 4} words released by {len(self.sites)} site(s) (the sites' noisy counts, "
-                 f"summed; docs/privacy.md).", "", "| site | records counted | words released | threshold | "
-                 "epsilon after |", "|---|---|---|---|---|"]
-        lines += [f"| {s} | {r['records-counted']} | {r['words-released']} | {r['threshold']:.1f} | "
-                  f"{r['epsilon']:.4f} |" for s, r in sorted(self.sites.items())]
-        lines += [f"| {f['site']} | refused | - | - | {f['reason']} |" for f in self.failures]
+                 f"summed; docs/privacy.md).", "", "| site | words released | threshold | epsilon bound after |",
+                 "|---|---|---|---|"]
+        lines += [f"| {s} | {r['words-released']} | {r['threshold']:.1f} | {r['epsilon']:.4f} |"
+                  for s, r in sorted(self.sites.items())]
+        lines += [f"| {f['site']} | refused | - | {f['reason']} |" for f in self.failures]
         return lines
 
     def save(self, run_dir: Path) -> None:
@@ -103,9 +104,8 @@ def private_vocabulary(grid: Grid, run_config: Mapping[str, Any], *, run_id: str
         words, counts = list(msg.content["vocab"]["words"]), list(msg.content["vocab"]["counts"])
         releases.append(dict(zip(map(str, words), map(float, counts))))
         metrics = msg.content["metrics"]
-        result.sites[name] = {"records-counted": int(metrics["records-counted"]),
-                              "records-retired": int(metrics["records-retired"]), "words-released": len(words),
-                              "threshold": float(metrics["threshold"]), "epsilon": float(metrics["epsilon"])}
+        result.sites[name] = {"words-released": len(words), "threshold": float(metrics["threshold"]),
+                              "epsilon": float(metrics["epsilon"])}
     if witness is not None:
         witness.save()
     for f in result.failures:

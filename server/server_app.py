@@ -1,5 +1,7 @@
 """FedCap ServerApp: FedAvg (or another strategy) wrapped by FedCapStrategy, server-side evaluation
-every round on data the server owns, a checkpoint per trained round, metrics and a run summary.
+every round on data the server owns, a checkpoint of the start (round 0) and of every trained
+round, `checkpoints/BEST` (the best of them on that evaluation, server/selection.py) beside
+`checkpoints/LATEST`, metrics and a run summary.
 With `vocab-source = "private"`, a private vocabulary round comes first (server/private_vocab.py).
 
 The run ends as failed (the ServerApp raises, so `flwr list` says finished:failed) when the run
@@ -46,6 +48,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     from .initial_model import initial_model, write_init_record
     from .outputs import NothingTrained, RunOutputs
     from .private_vocab import VocabRoundFailed, private_vocabulary
+    from .selection import selection_signal
     from .server_data import server_eval_set, server_vocabulary
     from .strategy import FedCapStrategy, RoundFailed
     from .witness import FederationState, federation_state_path
@@ -72,6 +75,8 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     except (ValueError, TypeError, FileNotFoundError) as e:
         start = "resume-from" if rc.get("resume-from") else "init-from" if rc.get("init-from") else ""
         raise _refuse(f"{start + ': ' if start and not str(e).startswith(start) else ''}{e}") from None
+    outputs.save_start(init)  # round-0000: a candidate for BEST, so a run never ends worse than it started
+    signal = selection_signal(rc, records=len(eval_set))
     strategy = FedCapStrategy.from_run_config(rc, vocab.itos, on_evaluate=outputs.log_federated,
                                               witness=federation, run_id=str(context.run_id))
     if vocab_round is not None:  # the vocabulary round bound each node to its site and may have refusals
@@ -92,6 +97,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
         outputs.log_round(row)
         if server_round in strategy.trained_rounds:  # never a checkpoint of a round that did not train
             outputs.save_checkpoint(server_round, model, vocab)
+        outputs.update_best()
         log.info("round %d: CIDEr-D %.4f BLEU-4 %.4f loss %.4f", server_round, metrics["CIDEr-D"],
                  metrics["BLEU-4"], metrics["loss"])
         return MetricRecord({k: float(v) for k, v in metrics.items()})
@@ -107,7 +113,9 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
         ended, failure = f"failed: {e}", e
         log.error("%s", ended)
     summary = outputs.write_summary(run_config=rc, strategy=strategy, ended=ended, seconds=time.perf_counter() - t0,
-                                    extra=[*(vocab_round.section() if vocab_round else []), *gallery.section()])
-    print(f"FedCap run finished ({ended}); outputs: {outputs.dir}\nsummary: {summary}", flush=True)
+                                    extra=[*(vocab_round.section() if vocab_round else []), *gallery.section()],
+                                    signal=signal)
+    print(f"FedCap run finished ({ended}); outputs: {outputs.dir}\nsummary: {summary}\n{outputs.best_line()}",
+          flush=True)
     if failure is not None:
         raise RunFailed(f"{failure} (rounds trained: {len(strategy.trained_rounds)}; summary: {summary})") from None

@@ -1,7 +1,8 @@
 """Strategy construction and FedCap's server-side add-on: a wrapper that checks every site reply
 against the global model (server/update_checks.py), binds each reply to the node that sent it,
-sets budget-exhausted sites aside, records every site's failures and reported budget, fails a round
-in which fewer sites trained than `min-train-nodes`, and delegates the rest."""
+witnesses the ledger head of every bound reply (server/witness.py), sets budget-exhausted sites
+aside, records every site's failures and reported budget, fails a round in which fewer sites
+trained than `min-train-nodes`, and delegates the rest."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .update_checks import (TRAIN_METRICS, UpdateRejected, capped_weights, check
 log = logging.getLogger("flwr")  # Flower's handler prints it
 # What a site reports about its budget, shown in the summary as the site reported it.
 BUDGET_METRICS = ("epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted",
-                  "records-trained", "records-retired")
+                  "run-epsilon-spent")
 
 
 def wait_for_nodes(grid: Grid, needed: int, *, timeout: float) -> int:
@@ -114,7 +115,9 @@ class FedCapStrategy(Strategy):
     ClientApp that raised, a site that crashed) and budget refusals are recorded per site with their
     reason; every other reply is checked (update_checks) and rejected for that site only when it
     fails. Each reply's site is the name the replying node (its Flower node id) first gave; a node
-    that claims another node's site name, or a new name, is rejected. Fewer trained sites than
+    that claims another node's site name, or a new name, is rejected. The ledger head of every
+    reply whose site name is bound (trained, refused or rejected by a later check) goes to the
+    `witness`: a spend the server saw is never forgotten. Fewer trained sites than
     `min-train-nodes` raise RoundFailed (NoSiteCanTrain when all refused for budget); otherwise the
     valid replies, with capped weights, go to the inner strategy, whose result keeps the model's
     dtype. Federated evaluation: each site's metrics are passed to `on_evaluate(server_round,
@@ -200,7 +203,8 @@ class FedCapStrategy(Strategy):
         return messages
 
     def _witness(self, server_round: int, site: str, msg: Message) -> None:
-        """Keep the ledger head a site reported (not for simulated sites whose ledger is per run)."""
+        """Keep the ledger head `site` reported, whatever becomes of the reply (not for simulated
+        sites whose ledger is per run)."""
         if self.witness is not None and "site" in msg.content:
             self.witness.observe_reply(site, msg.content["site"], run_id=self.run_id, server_round=server_round)
 
@@ -257,15 +261,15 @@ class FedCapStrategy(Strategy):
                 continue
             try:
                 site = self._site_of(msg)
-            except UpdateRejected as e:
+            except UpdateRejected as e:  # not witnessed: the head may be another site's
                 self._reject(server_round, self._node_label(msg), node, e)
                 continue
+            self._witness(server_round, site, msg)  # refused, rejected below or trained: its spend is seen
             if self.evaluate_in_train and "evaluate" in msg.content:
                 evaluations.append((site, node, msg.content["evaluate"]))
             metrics = msg.content["metrics"] if "metrics" in msg.content else MetricRecord()
             if metrics.get("budget-exhausted", 0):
                 self._record_budget(site, metrics)
-                self._witness(server_round, site, msg)
                 refused += 1
                 self.exhausted.add(site)
                 reason = str(msg.content["site"].get("budget-exhausted", "budget exhausted")) \
@@ -293,7 +297,6 @@ class FedCapStrategy(Strategy):
                          UpdateRejected("update-norm", norms[site], reason))
         for site, (msg, _, _) in candidates.items():  # only from replies that passed every check
             self._record_budget(site, msg.content["metrics"])
-            self._witness(server_round, site, msg)
             self._record_timing(server_round, site, msg)
         if self.witness is not None:
             self.witness.save()
@@ -356,6 +359,9 @@ class FedCapStrategy(Strategy):
                             node, reason)
                 self._fail(server_round, self._node_label(msg), "evaluate-error", reason, node)
                 continue
+            if "metrics" not in msg.content and "site" in msg.content and \
+                    msg.content["site"].get("held-out-metrics") == "withheld":
+                continue  # a DP site that does not send held-out metrics (its node_config's choice)
             try:
                 checked.append((self._site_of(msg), node, msg.content.get("metrics")))
             except UpdateRejected as e:

@@ -24,9 +24,11 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 # The metric keys of a train reply (DP or not: a non-private site sends epsilon inf, delta 0, ...).
-# Extend this one tuple when the sites report more.
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "delta", "target-epsilon", "epsilon-remaining",
-                 "run-epsilon-granted", "records-trained", "records-retired", "noise-multiplier", "sample-rate", "steps")
+# Public values only (docs/privacy.md): num-examples is a DP site's noisy count, epsilon the bound
+# of a record in every event of its ledger; no loss, no exact count. Extend this one tuple when the
+# sites report more.
+TRAIN_METRICS = ("num-examples", "epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted",
+                 "run-epsilon-spent", "noise-multiplier", "sample-rate", "steps")
 
 
 class UpdateRejected(ValueError):

@@ -1,14 +1,21 @@
 """The server's witness of each site's ledger head, kept in a federation state file across runs.
 
-Each DP train reply carries the site's ledger head (last line's hash, number of lines). The server
-keeps the latest head of every site and sends all of them with the next train message; a site whose
+Every reply of a site with a budget and a persistent ledger carries its ledger head (last line's
+hash, number of lines): a train reply whose update is aggregated, one rejected by an update check,
+a budget refusal, a private-vocabulary reply (released or refused); an error reply carries none.
+The server keeps the latest head of every site from every such reply whose site name is bound to
+the replying node (server.strategy.bind_site: a node claiming another node's site never moves that
+site's head), whatever became of the reply, so no spent or recorded ledger line escapes the
+witness. A head with fewer lines than the witnessed one, or a malformed one, is ignored with a
+warning. The server sends all heads with the next train and vocabulary messages; a site whose
 ledger does not hold its witnessed head (deleted, restored from an older backup, rewritten) refuses
 to train. The heads are hashes: they reveal nothing about the records. Simulated sites whose ledger
 lives inside the run folder (`ledger-ephemeral`) are new in every run by design and not witnessed.
 
 File (`fedcap-federation-state/1`, JSON): {"format", "sites": {name: {"head", "records", "run_id",
-"server_round", "time"}}}; written atomically after every round. `fedcap audit --federation-state`
-checks every ledger against it.
+"server_round", "time"}}}; written atomically after the vocabulary round and after every training
+round's replies are sorted (before a round that failed stops the run). `fedcap audit
+--federation-state` checks every ledger against it.
 """
 
 from __future__ import annotations
@@ -54,11 +61,16 @@ class FederationState:
                             "server_round": int(server_round), "time": utc_now()}
 
     def observe_reply(self, site: str, info, *, run_id: str, server_round: int) -> None:
-        """Keep the ledger head a reply's "site" record reports; not for simulated sites whose
-        ledger is per run (ledger-ephemeral), nor for replies without a head."""
-        if "ledger-head" in info and not info.get("ledger-ephemeral", False):
-            self.observe(site, head=str(info["ledger-head"]), records=int(info["ledger-records"]), run_id=run_id,
-                         server_round=server_round)
+        """Keep the ledger head a reply's "site" record reports, whether or not the reply is used;
+        not for simulated sites whose ledger is per run (ledger-ephemeral), nor for replies without
+        a head. The caller has bound `site` to the replying node."""
+        if "ledger-head" not in info or info.get("ledger-ephemeral", False):
+            return
+        head, records = info["ledger-head"], info.get("ledger-records")
+        if not isinstance(head, str) or not isinstance(records, int) or isinstance(records, bool) or records < 0:
+            log.warning("%s reported a malformed ledger head %r of %r lines: ignored", site, head, records)
+            return
+        self.observe(site, head=head, records=records, run_id=run_id, server_round=server_round)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "target-delta": PROBABILITY_OPEN,
     "accountant": _choice(*OPACUS_ACCOUNTANTS),
     "run-epsilon": POSITIVE,
+    "count-noise-multiplier": _float(1.0),
     "federation-state": STR,
     # data
     "partitioner": _choice(*PARTITIONERS),
@@ -200,6 +201,9 @@ NODE_CONFIG: dict[str, Setting] = {
     "state-dir": Setting(str, nonempty=True),
     "non-private": BOOL,          # deployment: the site trains without DP (dp = false runs only)
     "ledger-mirror-dir": STR,
+    "cache-dir": Setting(str, nonempty=True),  # decoded records (private images), never sent
+    "decode-workers": _int(1),  # processes for the first decode of data-dir into the store (default: all cores)
+    "share-held-out-metrics": BOOL,  # deployed DP site: send held-out caption metrics (no epsilon covers them)
     "min-records": _int(1),
     "num-threads": _int(1),
     # the site's own privacy budget (only the site sets it)
@@ -227,9 +231,9 @@ def validate_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     if "model-d-model" in rc and "model-num-heads" in rc and rc["model-d-model"] % rc["model-num-heads"]:
         raise ValueError(f"model-d-model must be divisible by model-num-heads ({rc['model-num-heads']}), "
                          f"got {rc['model-d-model']}")
-    if rc.get("model-encoder-weights") and rc.get("model-encoder", "cnn") != "resnet18":
-        raise ValueError(f"model-encoder-weights is only used by model-encoder 'resnet18', got model-encoder "
-                         f"{rc.get('model-encoder', 'cnn')!r}")
+    if rc.get("model-encoder-weights") and rc.get("model-encoder", "cnn") == "cnn":
+        raise ValueError(f"model-encoder-weights is for a torchvision model-encoder ({', '.join(ENCODERS[1:])}), got "
+                         f"model-encoder 'cnn' with weights {rc['model-encoder-weights']!r}")
     if rc.get("grad-sample-mode", "auto") != "auto":  # ghost clipping refuses the LSTM decoder
         check_grad_sample_mode(rc["grad-sample-mode"], decoder=rc.get("model-decoder"))
     if "precision" in rc:  # bf16 autocast refuses ghost clipping's bfloat16 norms
@@ -258,6 +262,9 @@ def validate_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
     if "data-dir" not in nc and not {"partition-id", "num-partitions"} <= set(nc):
         raise ValueError(f"node_config must hold 'data-dir' (deployment) or 'partition-id' and 'num-partitions' "
                          f"(simulation), got keys {sorted(nc)}")
+    if "data-dir" in nc and "state-dir" not in nc and not nc.get("non-private", False):
+        raise ValueError(f"node_config has data-dir {nc['data-dir']!r} but no 'state-dir': a deployed site keeps its "
+                         f"privacy ledger in a folder of its own, which no run-config value can replace")
     if "partition-id" in nc and "num-partitions" in nc and nc["partition-id"] >= nc["num-partitions"]:
         raise ValueError(f"partition-id must be < num-partitions ({nc['num-partitions']}), got {nc['partition-id']}")
     return nc

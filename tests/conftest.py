@@ -84,3 +84,20 @@ def record_round(path, event, members, *, run_id="run-1", server_round=1, accoun
         return tx.append_round(run_id=run_id, server_round=server_round, event=event, members=list(members),
                                retired=retired, max_grad_norm=1.0, target_epsilon=target_epsilon,
                                target_delta=target_delta, accountant=accountant, epsilon=eps)
+
+
+def rewrite_ledger(path, edit) -> None:
+    """Rewrite a ledger the way someone with write access to the state dir would, so that the hash
+    chain still verifies: `edit(records)` changes the parsed lines in place (or returns new ones),
+    then every prev_hash and hash is recomputed. Only the server's witness can tell the difference
+    for an edit that keeps the ledger self-consistent."""
+    from shared_model.privacy.ledger import GENESIS, record_hash
+
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records = edit(records) or records
+    prev = GENESIS
+    for r in records:
+        r["prev_hash"] = prev
+        r["hash"] = record_hash(r)
+        prev = r["hash"]
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from server.selection import best_round
 from shared_model.model import save_checkpoint
 from shared_model.privacy import PrivacyLedger
 from shared_model.runners import main
@@ -58,7 +59,12 @@ def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites
     assert held_out[0] > 0 and len(set(held_out)) == 1  # the same held-out split every round
     assert federated[-1]["mean"]["CIDEr-D"] > federated[0]["mean"]["CIDEr-D"]
     assert (run_dir / "checkpoints" / "round-0003" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "round-0000" / "model.safetensors").is_file()  # the start: a BEST candidate
+    best = best_round(rows, candidates={0, 1, 2, 3})["round"]
+    assert (run_dir / "checkpoints" / "BEST").read_text() == f"round-{best:04d}\n"
+    assert (run_dir / "checkpoints" / "LATEST").read_text() == "round-0003\n"
     summary = (run_dir / "summary.md").read_text()
+    assert f"- BEST: round {best} (checkpoints/round-{best:04d})" in summary
     assert "ended: completed" in summary and (run_dir / "rounds.png").is_file()
     assert "| 3 | site-1 |" in summary and "| 3 | weighted mean |" in summary
     assert "## What the model says" in summary and "| round 0 | round 3 |" in summary
@@ -75,8 +81,8 @@ def test_private_simulation_writes_each_site_ledger(tmp_path, flwr_home, sites2)
     run_dir = result["run_dir"]
     for site in ("site-0", "site-1"):
         lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
-        assert [r["kind"] for r in lines] == ["grant", "dp-sgd", "dp-sgd"]
-        records = lines[1:]
+        assert [r["kind"] for r in lines] == ["count-gaussian", "grant", "dp-sgd", "dp-sgd"]
+        records = lines[2:]
         assert [r["server_round"] for r in records] == [1, 2]
         assert records[0]["epsilon"] < records[-1]["epsilon"] <= 8.0  # calibrated to the grant over the plan
         assert records[-1]["epsilon"] > 8.0 * 0.9 and records[-1]["records_retired"] == 0
@@ -113,22 +119,22 @@ def test_ledgers_continue_across_runs_and_the_server_witnesses_them(tmp_path, fl
     assert len(records) == 4 and records[2]["run_id"] == second["run_id"] != first["run_id"]
     assert records[2]["epsilon"] > after_first[-1]["epsilon"]  # continues, does not restart at round 1's value
     witnessed = json.loads((runs / "federation-state.json").read_text())["sites"]
-    assert witnessed["site-0"]["records"] == 6 and witnessed["site-0"]["run_id"] == second["run_id"]
+    assert witnessed["site-0"]["records"] == 8 and witnessed["site-0"]["run_id"] == second["run_id"]  # 2 x 4 lines
 
-    # attack: site-0's whole state dir is lost; site-1 has spent (almost) its budget. site-0 must refuse
-    # (the witness), site-1 must refuse (its records would exceed the budget): nothing trains, the run fails
-    spent = max(r["epsilon"] for r in dp_lines(state / "site-1" / "ledger.jsonl"))
+    # attack: site-0's whole state dir is lost, and the server asks for a fixed noise that would pass the
+    # sites' grants. site-0 must refuse (the witness), site-1 must refuse (the noise): nothing trains, the run fails
     shutil.rmtree(state / "site-0")
     with pytest.raises(RunFailed) as err:
         run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
-                       stream_to=None, overrides=overrides(target_epsilon=spent * 1.01, **common))
+                       stream_to=None, overrides=overrides(target_epsilon=100.0, **{**common, "run_epsilon": 0.5}))
     assert err.value.status == "finished:failed"
     assert not (state / "site-0" / "ledger.jsonl").exists()  # refused before writing anything
-    assert len(PrivacyLedger(state / "site-1" / "ledger.jsonl").records()) == 6  # nothing trained, nothing recorded
+    assert len(dp_lines(state / "site-1" / "ledger.jsonl")) == 4  # nothing trained (the run's count is kept)
     summary = (err.value.run_dir / "summary.md").read_text()
     assert "ended: failed" in summary and "rounds trained: 0 of 2" in summary
-    assert "lost or rolled back" in summary and "| refused |" in summary and "exhausted" in summary
-    assert not (err.value.run_dir / "checkpoints").exists()
+    assert "lost or rolled back" in summary and "| refused |" in summary and "would spend" in summary
+    checkpoints = err.value.run_dir / "checkpoints"  # nothing trained: BEST is the start, no LATEST
+    assert (checkpoints / "BEST").read_text() == "round-0000\n" and not (checkpoints / "LATEST").exists()
     assert main(["audit", str(state), "--federation-state", str(runs / "federation-state.json")]) == 1
 
 
@@ -165,7 +171,8 @@ def test_a_round_in_which_no_site_trained_fails_the_run_naming_each_site_error(t
     assert "ended: failed: round 1: 0 site(s) trained, fewer than min-train-nodes 2" in summary
     assert summary.count("canary-site must be in [0, 2), got 5") >= 2  # every site's own error text
     assert "rounds trained: 0 of 2" in summary
-    assert [r["round"] for r in rounds(run_dir)] == [0] and not (run_dir / "checkpoints").exists()
+    assert [r["round"] for r in rounds(run_dir)] == [0] and not (run_dir / "checkpoints" / "LATEST").exists()
+    assert (run_dir / "checkpoints" / "BEST").read_text() == "round-0000\n"  # the start, never worse than it
 
 
 def test_too_few_connected_nodes_fail_the_run_after_node_wait_timeout(tmp_path, flwr_home, sites2):
@@ -226,8 +233,8 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_hom
             assert not torch.equal(p, q), name
     for site in ("site-0", "site-1"):
         lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
-        assert [r["kind"] for r in lines] == ["grant", "dp-sgd", "dp-sgd"]
-        assert {r["init_checkpoint"] for r in lines} == {checkpoint_sha256(checkpoint)}  # the ledger names it
+        assert [r["kind"] for r in lines] == ["count-gaussian", "grant", "dp-sgd", "dp-sgd"]
+        assert {r["init_checkpoint"] for r in lines[1:]} == {checkpoint_sha256(checkpoint)}  # the ledger names it
 
 
 def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr_home, sites2):
@@ -237,18 +244,19 @@ def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr
     result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
                             overrides=overrides(num_server_rounds=1, local_epochs=1, vocab_source="private",
                                                 vocab_noise_multiplier=1.0, vocab_max_words_per_record=6,
-                                                target_epsilon=16.0, run_epsilon=8.0))
+                                                target_epsilon=16.0, run_epsilon=16.0))
     run_dir = result["run_dir"]
     vocab = Vocabulary.load(run_dir / "vocab.json")
     assert 10 < len(vocab) and vocab == Vocabulary.load(run_dir / "checkpoints" / "round-0001" / "vocab.json")
     for site in ("site-0", "site-1"):
         lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
-        assert [r["kind"] for r in lines] == ["vocab-gaussian", "grant", "dp-sgd"]
-        release, grant, trained = lines
+        assert [r["kind"] for r in lines] == ["vocab-gaussian", "count-gaussian", "grant", "dp-sgd"]
+        release, count, grant, trained = lines
         assert release["noise_multiplier"] == 1.0 and release["max_words_per_record"] == 6
         assert release["words_released"] > 5 and release["records_counted"] > 0
-        assert grant["spent_before"] == release["epsilon"] and trained["epsilon"] > release["epsilon"]
-        assert grant["granted_epsilon"] == pytest.approx(8.0 - release["epsilon"])  # the run's allowance, shared
+        assert grant["spent_before"] > 0 and trained["epsilon"] > release["epsilon"]  # the run's share so far
+        # the run's allowance is shared: release, count and training together stay within the grant
+        assert grant["granted_epsilon"] == 16.0 and trained["epsilon"] <= 16.0 * (1 + 1e-6)
     report = audit([run_dir], accountants=("rdp", "pld"))
     assert report.status == "ok"
     for s in report.sites:

@@ -55,6 +55,6 @@ def test_training_with_fixed_shapes_sees_one_shape_and_counts_only_real_rows():
     stats = train_epoch(private, optimizer, loader, device="cpu", max_physical_batch_size=16,
                         fixed_batch_shapes=True)
     assert set(shapes) == {16} and stats["steps"] == 5  # Poisson batches of any size, one shape
-    assert 0 < stats["examples"] <= 60 and stats["loss"] > 0
+    assert 0 < stats["examples"] <= 100 and stats["loss"] > 0  # Poisson: about 60 (5 steps at rate 1/5)
     with pytest.raises(ValueError, match="larger than the fixed size"):
         pad_batch(images[:20], captions[:20], 16)

@@ -24,10 +24,13 @@ def test_caption_writes_a_gallery_of_a_folder(tmp_path, checkpoint_and_folder, c
                  "--beam-size", "1"]) == 0
     md = (out / "gallery.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ![")]
-    assert md.startswith("## What checkpoint ckpt says") and "| image | references | checkpoint ckpt |" in md
+    # issue 23: the title names the checkpoint once and the decoding; every reference is shown
+    assert md.startswith("## What the model says: ckpt, greedy decoding (beam 1)\n")
+    assert "| image | references | ckpt |" in md
     assert len(rows) == 3 and all(line.count(" | ") == 2 for line in rows)  # image, references, one caption
     data = load_embedded("test", 4, image_size=32)
-    assert data.captions[0][0] in md and "](images/00.png)" in md
+    assert len(data.captions[0]) == 4 and "<br>".join(data.captions[0]) in rows[0]
+    assert "](images/00.png)" in md
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00.png", "01.png", "02.png"]
     assert "gallery of 3 images" in capsys.readouterr().err
 
@@ -55,3 +58,19 @@ def test_the_run_summarys_gallery_shows_the_first_and_last_round(tmp_path):
     lines = gallery.section()
     assert "| image | references | round 0 | round 3 |" in lines
     assert lines[-1].endswith("| a red | a blue / square |") and (tmp_path / "gallery" / "01.png").is_file()
+
+
+def test_a_gallery_names_a_run_folders_checkpoint_by_its_run(tmp_path, checkpoint_and_folder):
+    """`fedcap train`/`pretrain` write <out>/checkpoint and a federated run checkpoints/round-NNNN: the
+    label says which run, not "checkpoint checkpoint"."""
+    from shared_model.runners.cli import checkpoint_label
+
+    checkpoint, folder = checkpoint_and_folder
+    pre = tmp_path / "pre" / "checkpoint"
+    pre.parent.mkdir()
+    checkpoint.rename(pre)
+    assert main(["caption", str(pre), "--data", str(folder), "--gallery", str(tmp_path / "g"), "--gallery-size", "1",
+                 "--beam-size", "2"]) == 0
+    assert (tmp_path / "g" / "gallery.md").read_text().startswith(
+        "## What the model says: pre/checkpoint, beam search (beam 2)\n")
+    assert checkpoint_label(tmp_path / "run-7" / "checkpoints" / "round-0002") == "run-7/round-0002"

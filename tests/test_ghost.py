@@ -185,9 +185,11 @@ def test_a_site_round_trains_with_ghost_clipping_from_the_run_config(tmp_path, t
     reply = train_round(model=model, data=load_embedded("train", 48, seed=0, image_size=32), vocab=vocab,
                         training=training, budget=SiteBudget(target_epsilon=3.0, target_delta=1e-3, accountant="rdp"),
                         ledger=ledger, request=RunRequest(run_id="r1", run_epsilon=2.0, num_rounds=1, local_epochs=1,
-                                                          batch_size=16), server_round=1)
-    assert 0 < reply["epsilon"] <= 2.0 and reply["steps"] == 3 and reply["train-loss"] > 0
-    assert [r["kind"] for r in ledger.records()] == ["grant", "dp-sgd"]
+                                                          batch_size=16, count_noise_multiplier=5.0),
+                        server_round=1, seed=0)
+    assert 0 < reply["run-epsilon-spent"] <= 2.0 * (1 + 1e-6) and reply["epsilon"] <= 3.0 and reply["steps"] == -(-reply["num-examples"] // 16)
+    assert "train-loss" not in reply  # steps from the noisy count (num-examples), never the exact one
+    assert [r["kind"] for r in ledger.records()] == ["count-gaussian", "grant", "dp-sgd"]
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert moved == {n for n, _ in model.named_parameters() if trainable == "all" or parameter_group(n) == "decoder"}
     assert not any(n.startswith("_module.") for n in model.state_dict())

@@ -136,14 +136,18 @@ def test_resnet_weights_missing_file_is_a_clear_error(tmp_path):
         Captioner(tiny_config(encoder="resnet18", encoder_weights=str(tmp_path / "nope.pth")))
 
 
-def test_resnet_weights_are_loaded_and_batchnorm_replaced(resnet_weights):
-    model = Captioner(tiny_config(encoder="resnet18", encoder_weights=resnet_weights, freeze_encoder=True))
+def test_resnet_weights_are_loaded_and_batchnorm_replaced_only_when_trainable(resnet_weights):
     saved = torch.load(resnet_weights)
-    conv1 = model.encoder.backbone[0]
-    torch.testing.assert_close(conv1.weight, saved["conv1.weight"])
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    torch.testing.assert_close(model.encoder.backbone[1].weight, saved["bn1.weight"])
-    assert all(not p.requires_grad for p in model.encoder.backbone.parameters())
+    trainable = Captioner(tiny_config(encoder="resnet18", encoder_weights=resnet_weights))
+    torch.testing.assert_close(trainable.encoder.backbone[0].weight, saved["conv1.weight"])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trainable.modules())
+    torch.testing.assert_close(trainable.encoder.backbone[1].weight, saved["bn1.weight"])
+    # frozen: the pretrained BatchNorm stays, in eval mode whatever train() says (docs/model.md)
+    frozen = Captioner(tiny_config(encoder="resnet18", encoder_weights=resnet_weights, freeze_encoder=True)).train()
+    bn1 = frozen.encoder.backbone[1]
+    assert isinstance(bn1, torch.nn.BatchNorm2d) and not bn1.training and frozen.training
+    torch.testing.assert_close(bn1.running_var, saved["bn1.running_var"])
+    assert all(not p.requires_grad for p in frozen.encoder.backbone.parameters())
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -1,5 +1,7 @@
-"""Partitioners: disjoint, covering, seeded, and skewed as asked."""
+"""Partitioners: disjoint, covering, seeded, and skewed as asked; the hash split keeps every copy
+of one image on one side, and splits unique images by the decile of each id."""
 
+import hashlib
 import re
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from shared_model.data import (dirichlet_label_partition, iid_partition, partition_caption_set,
                                     quantity_skew_partition)
-from shared_model.data import CaptionSet, generate_scenes
+from shared_model.data import CaptionSet, generate_scenes, hash_split
 
 LABELS = np.random.default_rng(0).integers(0, 5, 2000)
 
@@ -112,3 +114,73 @@ def test_dirichlet_needs_labels():
         partition_caption_set(unlabelled, 2, method="dirichlet")
     with pytest.raises(TypeError):
         dirichlet_label_partition(np.zeros(10), 2, alpha=1.0, seed=0)
+
+
+def with_copies(data: CaptionSet, copies: dict[int, list[int]], *, digests: bool) -> CaptionSet:
+    """`data` with record k's image also at each record of copies[k] (their ids and captions kept);
+    with `digests`, as a folder loader reads them: by source-file digest, the pixels left as they are."""
+    images, source = data.images.copy(), [f"file-{k}" for k in range(len(data))]
+    for k, others in copies.items():
+        for j in others:
+            if digests:
+                source[j] = source[k]
+            else:
+                images[j] = images[k]
+    return CaptionSet(images=images, captions=data.captions, image_ids=data.image_ids,
+                      source_digests=source if digests else None)
+
+
+def decile(image_id: str) -> int:
+    """The first 8 hex digits of the id's SHA-256, mod 10: 0 is held out."""
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % 10
+
+
+@pytest.mark.parametrize("digests", [False, True], ids=["pixels", "source-digests"])
+def test_copies_of_one_image_never_straddle_the_split(digests):
+    base = generate_scenes(40, seed=0, image_size=32)
+    straddled = 0  # trials in which the old rule (each id on its own) split the three copies
+    for trial in range(60):
+        ids = [f"img-{trial}-{k}" for k in range(40)]
+        data = with_copies(CaptionSet(images=base.images, captions=base.captions, image_ids=ids),
+                           {3: [17, 31]}, digests=digests)
+        kept, held = hash_split(data)
+        copies = [ids[k] for k in (3, 17, 31)]
+        assert set(copies) <= set(kept.image_ids) or set(copies) <= set(held.image_ids), trial
+        assert len(kept) + len(held) == 40 and len(held) >= 1 and len(kept) >= 1
+        others = [i for i in ids if i not in copies and decile(i) == 0]
+        if others:  # no fallback: every other record as its id's decile says, the copies as the smallest's
+            assert [i for i in held.image_ids if i not in copies] == others, trial
+            assert (copies[0] in held.image_ids) == (decile(min(copies)) == 0), trial
+        straddled += len({decile(i) == 0 for i in copies}) == 2
+    assert straddled > 0
+
+
+def test_the_split_of_unique_images_is_the_decile_of_each_id():
+    for n, seed in [(200, 0), (37, 1), (5, 2), (2, 3)]:
+        data = generate_scenes(n, seed=seed, image_size=32)
+        data.image_ids = [f"photo-{seed}-{k}.jpg" for k in range(n)]
+        buckets = np.array([decile(i) for i in data.image_ids])
+        held = np.flatnonzero(buckets < 1)  # the rule before copies were grouped, fallback included
+        if len(held) == 0 or len(held) == n:
+            held = np.arange(n - max(1, n // 10), n)
+        kept = np.setdiff1d(np.arange(n), held)
+        new_kept, new_held = hash_split(data)
+        assert new_kept.image_ids == [data.image_ids[k] for k in kept]
+        assert new_held.image_ids == [data.image_ids[k] for k in held]
+
+
+def test_hash_split_falls_back_to_whole_groups_and_names_the_count():
+    data = generate_scenes(3, seed=0, image_size=32)
+    data.image_ids = ["b", "c", "d"]  # none in the first decile: the last record's group is held out
+    assert not any(decile(i) == 0 for i in data.image_ids)
+    kept, held = hash_split(with_copies(data, {1: [2]}, digests=False))
+    assert kept.image_ids == ["b"] and held.image_ids == ["c", "d"]
+    # the last two records' groups would be all 20: only the last record's is held out
+    data = generate_scenes(20, seed=0, image_size=32)
+    data.image_ids = ["b"] + [f"x{k:02d}" for k in range(18)] + ["c"]
+    kept, held = hash_split(with_copies(data, {0: list(range(1, 19))}, digests=True))
+    assert held.image_ids == ["c"] and len(kept) == 19
+    with pytest.raises(ValueError, match=re.escape("site has 3 record(s) of 1 distinct image(s): too few")):
+        hash_split(with_copies(data.subset([0, 1, 2]), {0: [1, 2]}, digests=True), what="site")
+    with pytest.raises(ValueError, match=re.escape("dataset has 1 record(s) of 1 distinct image(s)")):
+        hash_split(data.subset([0]))

@@ -1,6 +1,7 @@
 """FedCapStrategy against real Flower Messages: malformed, impersonating and poisoned replies are
 rejected for that site only, the round goes on with the valid ones, and too few valid replies fail
-the round with every site's reason."""
+the round with every site's reason. The ledger head of every reply bound to its site (trained,
+rejected or refused) is witnessed; an impersonator's never is."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Kr
 
 from server.strategy import FedCapStrategy, NoSiteCanTrain, RoundFailed, build_strategy
 from server.update_checks import TRAIN_METRICS
+from server.witness import FederationState
 from shared_model.model import Captioner
+from shared_model.privacy import load_federation_state
 from shared_model.runners.flower_runtime import default_run_config
 
 from conftest import tiny_config
@@ -30,10 +33,14 @@ def honest(global_model, seed, scale=1e-3):
     return {k: (v + scale * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in global_model.items()}
 
 
+# A value for every key a train reply may carry; metrics() sends those in TRAIN_METRICS.
+REPORTED = {"num-examples": 100, "train-loss": 2.0, "epsilon": 1.0, "delta": 1e-5, "target-epsilon": 8.0,
+            "epsilon-remaining": 7.0, "run-epsilon-granted": 2.0, "run-epsilon-spent": 1.0, "records-trained": 100,
+            "records-retired": 0, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10}
+
+
 def metrics(**kw):
-    base = {"num-examples": 100, "train-loss": 2.0, "epsilon": 1.0, "delta": 1e-5, "target-epsilon": 8.0,
-            "epsilon-remaining": 7.0, "run-epsilon-granted": 2.0, "records-trained": 100, "records-retired": 0,
-            "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10}
+    base = {k: REPORTED[k] for k in TRAIN_METRICS}
     base.update(kw)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -257,9 +264,72 @@ def test_evaluation_inside_train_replies_reports_the_received_model(global_model
     assert s.configure_evaluate(2, ArrayRecord(), ConfigRecord(), grid=None) == []
 
 
+def ledger(node, records):
+    """A reply's ledger head: node `node`'s ledger at `records` lines."""
+    return {"ledger-head": f"{node:02d}" * 32, "ledger-records": records}
+
+
+def witnessed(witness):
+    """site -> (head, records), as saved in the federation state file."""
+    return {s: (h["head"], h["records"]) for s, h in load_federation_state(witness.path).items()}
+
+
+@pytest.mark.parametrize("case", ["max-update-norm", "float64", "extra metric", "missing array"])
+def test_a_rejected_reply_still_has_its_ledger_head_witnessed(global_model, case, tmp_path):
+    """The site spent budget before its update was rejected: the spend's ledger line is witnessed,
+    so a later rollback of its state dir is caught."""
+    witness = FederationState(tmp_path / "federation-state.json")
+    s = strategy(global_model, witness=witness, run_id="7", max_update_norm=1.0, max_update_norm_ratio=0.0)
+    good, bad = poisoned(global_model)
+    arrays, metric = (bad, metrics()) if case == "max-update-norm" else malformed(global_model, case)
+    aggregate(s, [reply(1, good[1], extra_site=ledger(1, 3)), reply(2, good[2], extra_site=ledger(2, 3)),
+                  reply(3, arrays, metric=metric, extra_site=ledger(3, 5))])
+    (failure,) = s.failures
+    assert failure["site"] == "site-3" and failure["kind"] == "rejected"
+    assert ("update-norm check failed" in failure["reason"]) == (case == "max-update-norm")
+    assert witnessed(witness) == {"site-1": (ledger(1, 3)["ledger-head"], 3),
+                                  "site-2": (ledger(2, 3)["ledger-head"], 3),
+                                  "site-3": (ledger(3, 5)["ledger-head"], 5)}
+    assert witness.sites["site-3"]["run_id"] == "7" and witness.sites["site-3"]["server_round"] == 1
+    assert set(s.site_budget) == {"site-1", "site-2"}  # its reported budget is still not recorded
+
+
+def test_a_budget_refusal_has_its_ledger_head_witnessed_even_when_the_round_fails(global_model, tmp_path):
+    witness = FederationState(tmp_path / "federation-state.json")
+    s = strategy(global_model, witness=witness)
+    refusal = {"num-examples": 0, "budget-exhausted": 1, "epsilon": 7.9, "delta": 1e-5}
+    with pytest.raises(NoSiteCanTrain):
+        s.aggregate_train(1, [reply(1, metric=refusal, extra_site={"budget-exhausted": "spent", **ledger(1, 4)}),
+                              reply(2, metric=refusal, extra_site={"budget-exhausted": "spent", **ledger(2, 6)})])
+    assert witnessed(witness) == {"site-1": (ledger(1, 4)["ledger-head"], 4),
+                                  "site-2": (ledger(2, 6)["ledger-head"], 6)}
+
+
+def test_a_node_claiming_another_sites_name_never_moves_its_witnessed_head(global_model, tmp_path, caplog):
+    witness = FederationState(tmp_path / "federation-state.json")
+    s = strategy(global_model, witness=witness)
+    a, b = honest(global_model, 1), honest(global_model, 2)
+    aggregate(s, [reply(1, a, extra_site=ledger(1, 3)), reply(2, b, extra_site=ledger(2, 3))])
+    refusal = {"num-examples": 0, "budget-exhausted": 1, "epsilon": 7.9, "delta": 1e-5}
+    # node 3 (new) and node 2 both claim site-1, with ledgers further along than site-1's; node 4
+    # sends a malformed head; node 1 refuses with a shorter ledger than witnessed
+    aggregate(s, [reply(1, a, metric=refusal, extra_site={"budget-exhausted": "spent", **ledger(1, 2)}),
+                  reply(2, b, site="site-1", extra_site=ledger(2, 9)),
+                  reply(3, b, site="site-1", extra_site=ledger(3, 9)),
+                  reply(4, a, extra_site={"ledger-head": "x", "ledger-records": "9"}),
+                  reply(5, a, extra_site=ledger(5, 1)), reply(6, b, extra_site=ledger(6, 1))], 2)
+    assert {(f["node"], f["kind"]) for f in s.failures} == {(1, "refused"), (2, "rejected"), (3, "rejected")}
+    assert witnessed(witness) == {"site-1": (ledger(1, 3)["ledger-head"], 3),
+                                  "site-2": (ledger(2, 3)["ledger-head"], 3),
+                                  "site-5": (ledger(5, 1)["ledger-head"], 1),
+                                  "site-6": (ledger(6, 1)["ledger-head"], 1)}
+    assert "site-1 reported a ledger of 2 lines, fewer than the 3 witnessed: ignored" in caplog.text
+    assert "site-4 reported a malformed ledger head 'x' of '9' lines: ignored" in caplog.text
+
+
 class _VocabGrid:
-    """A Grid whose nodes answer the private vocabulary query with the given (name, words) each,
-    as the ClientApp's query.vocab handler shapes its reply."""
+    """A Grid whose nodes answer the private vocabulary query with the given (name, words) each
+    (words None: a budget refusal), as the ClientApp's query.vocab handler shapes its reply."""
 
     def __init__(self, answers):
         self.answers = answers
@@ -273,30 +343,45 @@ class _VocabGrid:
             node = m.metadata.dst_node_id
             m.metadata.__dict__["_message_id"] = f"vocab-{node}"
             name, words = self.answers[node]
-            content = RecordDict({
-                "site": ConfigRecord({"name": name, "ledger-head": f"head-{node}", "ledger-records": 1}),
-                "vocab": ConfigRecord({"words": words, "counts": [50.0] * len(words)}),
-                "metrics": MetricRecord({"records-counted": 100, "records-retired": 0, "threshold": 10.0,
-                                         "epsilon": 1.0})})
+            head = {"ledger-head": f"head-{node}", "ledger-records": 1}
+            if words is None:
+                content = RecordDict({"site": ConfigRecord({"name": name, "refused": "spent", **head})})
+            else:
+                content = RecordDict({
+                    "site": ConfigRecord({"name": name, **head}),
+                    "vocab": ConfigRecord({"words": words, "counts": [50.0] * len(words)}),
+                    "metrics": MetricRecord({"threshold": 10.0,
+                                             "epsilon": 1.0})})
             reply = Message(content=content, reply_to=m)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         return replies
 
 
+VOCAB_RUN_CONFIG = {"min-train-nodes": 1, "min-available-nodes": 1, "node-wait-timeout": 5.0, "round-timeout": 5.0,
+                    "vocab-noise-multiplier": 1.0, "vocab-max-words-per-record": 8, "vocab-delta": 1e-6}
+
+
 def test_private_vocabulary_round_binds_each_site_name_to_one_node(tmp_path):
     """A node claiming a site name another node already gave is refused in the vocabulary round, as
     in training rounds: its words are not merged and the real site's witnessed head is kept."""
     from server.private_vocab import private_vocabulary
-    from server.witness import FederationState
 
-    run_config = {"min-train-nodes": 1, "min-available-nodes": 1, "node-wait-timeout": 5.0, "round-timeout": 5.0,
-                  "vocab-noise-multiplier": 1.0, "vocab-max-words-per-record": 8, "vocab-delta": 1e-6}
     witness = FederationState(tmp_path / "federation-state.json")
     grid = _VocabGrid({11: ("site-0", ["red", "circle"]), 12: ("site-0", ["poison"])})
-    result = private_vocabulary(grid, run_config, run_id="1", witness=witness)
+    result = private_vocabulary(grid, VOCAB_RUN_CONFIG, run_id="1", witness=witness)
     assert result.node_site == {11: "site-0"}
     assert "poison" not in result.vocab.itos and "red" in result.vocab.itos
     assert [f["kind"] for f in result.failures] == ["site-name"] and result.failures[0]["node"] == 12
     assert "node 12 claims site 'site-0', which is node 11" in result.failures[0]["reason"]
     assert witness.sites["site-0"]["head"] == "head-11"
+
+
+def test_private_vocabulary_round_witnesses_a_refusal(tmp_path):
+    from server.private_vocab import private_vocabulary
+
+    witness = FederationState(tmp_path / "federation-state.json")
+    grid = _VocabGrid({11: ("site-0", ["red"]), 12: ("site-1", None)})
+    result = private_vocabulary(grid, VOCAB_RUN_CONFIG, run_id="1", witness=witness)
+    assert [(f["site"], f["kind"]) for f in result.failures] == [("site-1", "vocab-refused")]
+    assert witnessed(witness) == {"site-0": ("head-11", 1), "site-1": ("head-12", 1)}

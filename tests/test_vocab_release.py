@@ -7,10 +7,11 @@ from statistics import NormalDist
 
 import pytest
 
-from shared_model.privacy import (BudgetExhaustedError, PrivacyLedger, SiteBudget, VocabRelease, audit,
+from shared_model.privacy import (BudgetExhaustedError, build_histories, PrivacyLedger, SiteBudget, VocabRelease, audit,
                                   clipped_counts, compute_epsilon, gaussian_event, merge_releases, noisy_release,
                                   record_words, release_vocabulary)
 from shared_model.privacy.accounting import DPSGDEvent
+from shared_model.privacy.site_budget import run_spend
 
 from conftest import record_round
 
@@ -75,22 +76,23 @@ def test_release_is_written_chained_and_composed_with_dp_sgd(tmp_path):
         released, line = release_vocabulary(tx=tx, record_ids=ids, captions=many, budget=BUDGET, release=RELEASE,
                                             run_id="7", seed=0)
     assert {"a", "circle", "red", "blue"} <= set(released) and "zebra" in released  # 50 records each
-    alone = compute_epsilon([RELEASE.event()], target_delta=1e-5, accountant="rdp")
+    # delta composes: the accountant converts at target-delta minus the release's thresholding delta
+    alone = compute_epsilon([RELEASE.event()], target_delta=1e-5 - 1e-6, accountant=BUDGET.enforcing)
     assert line["kind"] == "vocab-gaussian" and line["records_counted"] == len(ids) and line["epsilon"] == alone
     assert line["threshold"] == pytest.approx(RELEASE.threshold) and line["words_released"] == len(released)
     sgd = DPSGDEvent(sample_rate=0.1, noise_multiplier=1.0, steps=20)
-    record_round(tmp_path / "ledger.jsonl", sgd, ids[:100], accountant="rdp")
+    record_round(tmp_path / "ledger.jsonl", sgd, ids[:100], accountant=BUDGET.enforcing)
     lines = ledger.records()  # verifies the chain
     assert [r["kind"] for r in lines] == ["vocab-gaussian", "dp-sgd"] and lines[1]["prev_hash"] == lines[0]["hash"]
-    assert lines[1]["epsilon"] == pytest.approx(compute_epsilon([RELEASE.event(), sgd], target_delta=1e-5,
-                                                                accountant="rdp"))
+    assert lines[1]["epsilon"] == pytest.approx(compute_epsilon([RELEASE.event(), sgd], target_delta=1e-5 - 1e-6,
+                                                                accountant=BUDGET.enforcing))
 
     result = audit([tmp_path], accountants=("rdp", "pld"))
     assert result.status == "ok"
     site = result.sites[0]
     assert [c.kind for c in site.checks] == ["vocab-gaussian", "dp-sgd"] and site.rounds == 1
     assert site.checks[0].recomputed_epsilon == pytest.approx(alone) and site.vocab_releases == 1
-    assert site.threshold_delta == 1e-6 and site.epsilon["rdp"] == pytest.approx(lines[1]["epsilon"])
+    assert site.threshold_delta == 1e-6 and site.spent_epsilon == pytest.approx(lines[1]["epsilon"])
 
     # an under-reported release is caught: rewrite the line's epsilon (and its hash, as an attacker would)
     from shared_model.privacy import record_hash
@@ -107,7 +109,9 @@ def test_the_site_refuses_a_release_beyond_its_budget(tmp_path):
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     cases = [(SiteBudget(target_epsilon=0.5, target_delta=1e-5), RELEASE, "exhausted: only 0 of 4"),
              (BUDGET, VocabRelease(noise_multiplier=1.0, max_words_per_record=3, threshold_delta=1e-4),
-              "vocab-delta 0.0001 is above"),
+              "vocab-delta 0.0001 is not below"),
+             (BUDGET, VocabRelease(noise_multiplier=1.0, max_words_per_record=3, threshold_delta=1e-5),
+              "vocab-delta 1e-05 is not below"),
              (SiteBudget(target_epsilon=10.0, target_delta=1e-5, max_run_epsilon=1.0), RELEASE, "max-run-epsilon 1:")]
     for budget, release, message in cases:
         with ledger.transaction() as tx, pytest.raises(BudgetExhaustedError, match=message) as err:
@@ -118,6 +122,33 @@ def test_the_site_refuses_a_release_beyond_its_budget(tmp_path):
                            run_epsilon=2.0)
         assert err.value.ledger_head[1] == 0
     assert ledger.records() == []  # nothing written
+
+
+def test_deltas_compose_and_releases_share_the_runs_allowance(tmp_path):
+    """Issue 18 (4, 3): a record's delta is its accounting delta plus every release's thresholding
+    delta, never past target-delta; a run's releases together stay below the run's caps."""
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    half = VocabRelease(noise_multiplier=3.0, max_words_per_record=3, threshold_delta=0.5e-5)
+    with ledger.transaction() as tx:
+        release_vocabulary(tx=tx, record_ids=IDS, captions=RECORDS, budget=BUDGET, release=half, run_id="a", seed=0)
+    with ledger.transaction() as tx, pytest.raises(BudgetExhaustedError, match="only 0 of 4 records can be counted"):
+        # a second half-delta release would leave the records no conversion delta: all retired
+        release_vocabulary(tx=tx, record_ids=IDS, captions=RECORDS, budget=BUDGET, release=half, run_id="b", seed=0)
+    histories, _ = build_histories(ledger.records(), ledger.membership)
+    assert all(histories.delta_spent(g) == 0.5e-5 for g in histories.live_groups())
+    # many cheap releases in one run: refused once the run's spend with the next one reaches run-epsilon
+    ledger = PrivacyLedger(tmp_path / "run" / "ledger.jsonl")
+    cheap = VocabRelease(noise_multiplier=4.0, max_words_per_record=3, threshold_delta=1e-8)
+    done = 0
+    with pytest.raises(BudgetExhaustedError, match="not below the run's run-epsilon 2"):
+        for _ in range(50):
+            with ledger.transaction() as tx:
+                release_vocabulary(tx=tx, record_ids=IDS, captions=RECORDS, budget=BUDGET, release=cheap, run_id="r",
+                                   run_epsilon=2.0, seed=0)
+            done += 1
+    spent = run_spend([cheap.event()] * done, accountant=BUDGET.enforcing, target_epsilon=10.0, target_delta=1e-5,
+                      extra_delta=done * 1e-8)  # the run's share of the lifetime, as the site counts it
+    assert 1 < done < 50 and spent < 2.0
 
 
 def test_bad_release_settings_name_the_value():

@@ -8,12 +8,29 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .records import CaptionSet
+from .rows import ImageRows
 from .vocab import Vocabulary
 
 
 def image_tensor(images: np.ndarray) -> Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _image_rows(data: CaptionSet) -> Tensor | ImageRows:
+    """In memory: uint8 [N, 3, H, W] (one tensor, shared with the numpy array when contiguous); on
+    disk: the `ImageRows` themselves, read one row per item (memory does not grow with N)."""
+    if isinstance(data.images, ImageRows):
+        return data.images
+    return torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)
+
+
+def _image_item(images: Tensor | ImageRows, i: int) -> Tensor:
+    """Row i as float [3, H, W] in [0, 1]."""
+    row = images[i]
+    if isinstance(row, np.ndarray):  # [H, W, 3], read from disk
+        row = torch.from_numpy(row).permute(2, 0, 1)
+    return row.float().div_(255.0)
 
 
 def encode_captions(captions: list[tuple[str, ...]], vocab: Vocabulary, *, max_len: int) -> tuple[Tensor, Tensor]:
@@ -36,22 +53,22 @@ class CaptionDataset(Dataset):
     """
 
     def __init__(self, data: CaptionSet, vocab: Vocabulary, *, max_len: int) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)  # uint8 [N, 3, H, W]
+        self.images = _image_rows(data)  # uint8 [N, 3, H, W], or ImageRows [N, H, W, 3] on disk
         self.captions, self.counts = encode_captions(data.captions, vocab, max_len=max_len)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         k = int(torch.randint(int(self.counts[i]), ()))
-        return self.images[i].float().div_(255.0), self.captions[i, k]
+        return _image_item(self.images, i), self.captions[i, k]
 
 
 class CaptionPairs(Dataset):
     """Evaluation view: every (image, reference caption) pair once, in order."""
 
     def __init__(self, data: CaptionSet, vocab: Vocabulary, *, max_len: int) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)
+        self.images = _image_rows(data)
         captions, counts = encode_captions(data.captions, vocab, max_len=max_len)
         self.pairs = [(i, k) for i in range(len(counts)) for k in range(int(counts[i]))]
         self.captions = captions
@@ -61,4 +78,4 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, j: int) -> tuple[Tensor, Tensor]:
         i, k = self.pairs[j]
-        return self.images[i].float().div_(255.0), self.captions[i, k]
+        return _image_item(self.images, i), self.captions[i, k]

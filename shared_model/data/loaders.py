@@ -18,10 +18,10 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .records import CaptionSet, SkippedRecord
 from .vocab import tokenize
@@ -59,6 +59,35 @@ class _Record:
     def failed(cls, bad: _BadRecord) -> "_Record":
         return cls(bad.where, bad.where, problem=bad)
 
+    @property
+    def decodable(self) -> bool:
+        """Parsed without a problem: its image is worth decoding (it may still be a duplicate id)."""
+        return self.problem is None and bool(self.captions)
+
+
+@dataclass
+class ParsedRecords:
+    """A caption file parsed, no image decoded yet: decoded in memory by the loaders (`_collect`),
+    or on disk in parallel by a site's data store (shared_model/data/store.py)."""
+
+    records: list[_Record]
+    path: Path  # the caption file
+    label: str  # names it in messages, e.g. "coco annotations <path>"
+
+    def image_paths(self) -> list[Path | None]:
+        return [rec.image_path if rec.decodable else None for rec in self.records]
+
+
+@dataclass
+class Selected:
+    """The usable records of a `ParsedRecords`, in order: `indices` into its records."""
+
+    indices: list[int]
+    captions: list[tuple[str, ...]]
+    image_ids: list[str]
+    digests: list[str]
+    skipped: list[SkippedRecord]
+
 
 # Public loaders
 
@@ -67,6 +96,10 @@ def load_coco_captions(annotations: str | Path, image_dir: str | Path, *, image_
                        skip_bad: bool = False) -> CaptionSet:
     """COCO captions JSON: `images` [{id, file_name}], `annotations` [{image_id, caption}]."""
     _check_image_size(image_size)
+    return _collect(_parse_coco(annotations, image_dir), image_size=image_size, skip_bad=skip_bad)
+
+
+def _parse_coco(annotations: str | Path, image_dir: str | Path) -> ParsedRecords:
     path, image_dir = Path(annotations), _existing_dir(image_dir)
     label = f"coco annotations {path}"
     data = _read_json(path, "coco annotations")
@@ -102,15 +135,19 @@ def load_coco_captions(annotations: str | Path, image_dir: str | Path, *, image_
             rec.captions.append(_caption(ann, "caption", where))
         except _BadRecord as bad:
             rec.problem = rec.problem or bad
-    return _collect(out, path, label, image_size=image_size, skip_bad=skip_bad)
+    return ParsedRecords(out, path, label)
 
 
 def load_karpathy(path: str | Path, image_dir: str | Path, *, split: str = "train", image_size: int = 64,
                   skip_bad: bool = False) -> CaptionSet:
     """Karpathy split JSON (dataset_coco.json style); image ids are `cocoid`, else `imgid`."""
+    _check_image_size(image_size)
+    return _collect(_parse_karpathy(path, image_dir, split=split), image_size=image_size, skip_bad=skip_bad)
+
+
+def _parse_karpathy(path: str | Path, image_dir: str | Path, *, split: str) -> ParsedRecords:
     if split not in KARPATHY_SPLITS:
         raise ValueError(f"split must be one of {KARPATHY_SPLITS}, got {split!r}")
-    _check_image_size(image_size)
     path, image_dir = Path(path), _existing_dir(image_dir)
     label = f"karpathy split {path}"
     wanted = {"train", "restval"} if split == "train" else {split}
@@ -132,7 +169,7 @@ def load_karpathy(path: str | Path, image_dir: str | Path, *, split: str = "trai
             out.append(_Record(image_id, where, image_dir / folder / filename, captions))
         except _BadRecord as bad:
             out.append(_Record.failed(bad))
-    return _collect(out, path, label, image_size=image_size, skip_bad=skip_bad)
+    return ParsedRecords(out, path, label)
 
 
 def load_caption_table(path: str | Path, *, image_root: str | Path | None = None, image_size: int = 64,
@@ -142,21 +179,30 @@ def load_caption_table(path: str | Path, *, image_root: str | Path | None = None
     kind = _TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"caption table must end in one of {sorted(_TABLE_SUFFIXES)}, got {path.name!r}")
-    return _load_table(path, kind, image_root=image_root, image_size=image_size, skip_bad=skip_bad)
+    _check_image_size(image_size)
+    return _collect(_parse_table(path, kind, image_root=image_root), image_size=image_size, skip_bad=skip_bad)
 
 
 def load_dataset(fmt: str, path: str | Path, *, image_dir: str | Path | None = None, split: str = "train",
                  image_size: int = 64, skip_bad: bool = False) -> CaptionSet:
     """Load `path` in format `fmt` (one of FORMATS); `split` applies to karpathy only."""
+    _check_image_size(image_size)
+    return _collect(parse_dataset(fmt, path, image_dir=image_dir, split=split), image_size=image_size,
+                    skip_bad=skip_bad)
+
+
+def parse_dataset(fmt: str, path: str | Path, *, image_dir: str | Path | None = None, split: str = "train"
+                  ) -> ParsedRecords:
+    """`load_dataset` without decoding an image: the parsed records, for a decoder of one's own."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if fmt in ("csv", "jsonl"):
-        return _load_table(Path(path), fmt, image_root=image_dir, image_size=image_size, skip_bad=skip_bad)
+        return _parse_table(Path(path), fmt, image_root=image_dir)
     if image_dir is None:
         raise ValueError(f"image_dir is required for format {fmt!r}")
     if fmt == "coco":
-        return load_coco_captions(path, image_dir, image_size=image_size, skip_bad=skip_bad)
-    return load_karpathy(path, image_dir, split=split, image_size=image_size, skip_bad=skip_bad)
+        return _parse_coco(path, image_dir)
+    return _parse_karpathy(path, image_dir, split=split)
 
 
 FOLDER_FILES = {"coco": "captions.json", "karpathy": "dataset.json", "csv": "captions.csv", "jsonl": "captions.jsonl"}
@@ -166,20 +212,26 @@ def load_dataset_folder(fmt: str, root: str | Path, *, split: str = "train", ima
                         skip_bad: bool = False) -> CaptionSet:
     """A dataset folder: coco (captions.json + images/), karpathy (dataset.json + images/), csv
     (captions.csv) or jsonl (captions.jsonl), image paths relative to the folder."""
+    _check_image_size(image_size)
+    return _collect(parse_dataset_folder(fmt, root, split=split), image_size=image_size, skip_bad=skip_bad)
+
+
+def parse_dataset_folder(fmt: str, root: str | Path, *, split: str = "train") -> ParsedRecords:
+    """`load_dataset_folder` without decoding an image."""
     if fmt not in FOLDER_FILES:
         raise ValueError(f"dataset format must be one of {tuple(FOLDER_FILES)}, got {fmt!r}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    return load_dataset(fmt, root / FOLDER_FILES[fmt], image_dir=root / "images" if fmt in ("coco", "karpathy") else root,
-                        split=split, image_size=image_size, skip_bad=skip_bad)
+    return parse_dataset(fmt, root / FOLDER_FILES[fmt], image_dir=root / "images" if fmt in ("coco", "karpathy") else root,
+                         split=split)
 
 
 def load_images(paths: Iterable[str | Path], *, image_size: int = 64) -> np.ndarray:
     """uint8 [N, image_size, image_size, 3] RGB from image files, e.g. new images to caption."""
     _check_image_size(image_size)
     try:
-        images = [_load_image(Path(p), image_size, str(p))[0] for p in paths]
+        images = [load_image(Path(p), image_size, str(p))[0] for p in paths]
     except _BadRecord as bad:
         raise CaptionDataError(bad.reason) from None
     if not images:
@@ -190,9 +242,7 @@ def load_images(paths: Iterable[str | Path], *, image_size: int = 64) -> np.ndar
 # Tables
 
 
-def _load_table(path: Path, kind: str, *, image_root: str | Path | None, image_size: int,
-                skip_bad: bool) -> CaptionSet:
-    _check_image_size(image_size)
+def _parse_table(path: Path, kind: str, *, image_root: str | Path | None) -> ParsedRecords:
     label = f"caption table {path}"
     root = path.parent if image_root is None else _existing_dir(image_root)
     text = _read_text(path, "caption table")
@@ -219,7 +269,7 @@ def _load_table(path: Path, kind: str, *, image_root: str | Path | None, image_s
             rec.captions.append(_caption(row, "caption", f"{where} (image {image!r})"))
         except _BadRecord as bad:
             rec.problem = rec.problem or bad
-    return _collect(out, path, label, image_size=image_size, skip_bad=skip_bad)
+    return ParsedRecords(out, path, label)
 
 
 def _csv_rows(text: str, label: str) -> list[tuple[str, dict[str, Any]]]:
@@ -245,16 +295,28 @@ def _jsonl_rows(text: str) -> list[tuple[str, Any]]:
 # Shared helpers
 
 
-def _collect(records: Iterable[_Record], path: Path, label: str, *, image_size: int,
-             skip_bad: bool) -> CaptionSet:
-    """Load the images of parsed records; raise on, or skip, bad ones."""
+def _collect(parsed: ParsedRecords, *, image_size: int, skip_bad: bool) -> CaptionSet:
+    """Decode the images of parsed records into memory; raise on, or skip, bad ones."""
     images: list[np.ndarray] = []
-    captions: list[tuple[str, ...]] = []
-    image_ids: list[str] = []
-    digests: list[str] = []
+
+    def load(k: int, rec: _Record) -> str:
+        image, digest = load_image(rec.image_path, image_size, rec.where)
+        images.append(image)
+        return digest
+
+    kept = select_records(parsed, skip_bad=skip_bad, load=load)
+    return CaptionSet(images=np.stack(images), captions=kept.captions, image_ids=kept.image_ids,
+                      skipped=kept.skipped, source_digests=kept.digests)
+
+
+def select_records(parsed: ParsedRecords, *, skip_bad: bool, load: Callable[[int, _Record], str]) -> Selected:
+    """The usable records in file order. `load(k, record)` is called for each record that passed
+    every other check, in order, and returns its image's digest or raises `_BadRecord` (the one
+    policy for both decoders: the first bad record raises CaptionDataError naming the file and
+    the record, or with `skip_bad` is listed and left out; no usable record raises)."""
+    out = Selected([], [], [], [], [])
     seen: set[str] = set()
-    skipped: list[SkippedRecord] = []
-    for rec in records:
+    for k, rec in enumerate(parsed.records):
         try:
             if rec.problem is not None:
                 raise rec.problem
@@ -262,25 +324,24 @@ def _collect(records: Iterable[_Record], path: Path, label: str, *, image_size: 
                 raise _BadRecord(rec.where, "no captions")
             if rec.image_id in seen:
                 raise _BadRecord(rec.where, "duplicate image id")
-            image, digest = _load_image(rec.image_path, image_size, rec.where)
+            digest = load(k, rec)
         except _BadRecord as bad:
             if not skip_bad:
-                raise CaptionDataError(f"{label}: {bad.where}: {bad.reason}") from None
-            skipped.append(SkippedRecord(str(path), bad.where, bad.reason))
+                raise CaptionDataError(f"{parsed.label}: {bad.where}: {bad.reason}") from None
+            out.skipped.append(SkippedRecord(str(parsed.path), bad.where, bad.reason))
             continue
-        images.append(image)
-        captions.append(tuple(rec.captions))
-        image_ids.append(rec.image_id)
-        digests.append(digest)
+        out.indices.append(k)
+        out.captions.append(tuple(rec.captions))
+        out.image_ids.append(rec.image_id)
+        out.digests.append(digest)
         seen.add(rec.image_id)
-    if not images:
-        first = f"; first: {skipped[0].record}: {skipped[0].reason}" if skipped else ""
-        raise CaptionDataError(f"{label}: no usable records ({len(skipped)} bad{first})")
-    return CaptionSet(images=np.stack(images), captions=captions, image_ids=image_ids, skipped=skipped,
-                      source_digests=digests)
+    if not out.indices:
+        first = f"; first: {out.skipped[0].record}: {out.skipped[0].reason}" if out.skipped else ""
+        raise CaptionDataError(f"{parsed.label}: no usable records ({len(out.skipped)} bad{first})")
+    return out
 
 
-def _load_image(path: Path | None, size: int, where: str) -> tuple[np.ndarray, str]:
+def load_image(path: Path | None, size: int, where: str) -> tuple[np.ndarray, str]:
     """(uint8 [size, size, 3] RGB: shorter side resized to `size`, then centre-cropped; SHA-256 of
     the file's bytes, the record's identity whatever `size` is)."""
     if path is None or not path.is_file():
@@ -290,7 +351,8 @@ def _load_image(path: Path | None, size: int, where: str) -> tuple[np.ndarray, s
         with Image.open(io.BytesIO(raw)) as im:
             im = ImageOps.fit(im.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _BadRecord(where, f"unreadable image {path}: {e}") from None
+        why = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise _BadRecord(where, f"unreadable image {path}: {why}") from None
     return np.asarray(im, dtype=np.uint8), hashlib.sha256(raw).hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""Seeded partitioners that split one dataset into sites: IID, label skew, quantity skew.
+"""Seeded partitioners that split one dataset into sites: IID, label skew, quantity skew; and the
+hash split of a dataset into kept and held-out records.
 
 Each partitioner returns `num_partitions` sorted int64 index arrays that are disjoint and
 together cover range(n). Label skew follows Hsu et al. (2019): for each class, the shares
@@ -8,6 +9,7 @@ few sites. Quantity skew draws the shares of the site sizes from Dirichlet(alpha
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -17,7 +19,6 @@ from .records import CaptionSet
 
 METHODS = ("iid", "dirichlet", "quantity")
 _MAX_DRAWS = 1000  # Dirichlet label draws tried before min_size is declared out of reach
-
 
 
 def _check_alpha(alpha: object) -> float:
@@ -106,17 +107,42 @@ def partition_caption_set(data: CaptionSet, num_partitions: int, *, method: str 
     return [data.subset(part) for part in parts]
 
 
-def hash_split(data: CaptionSet, *, what: str = "dataset") -> tuple[CaptionSet, CaptionSet]:
-    """(kept, held out): the records whose image id hashes into the first decile are held out (at
-    least one, never all). Deterministic in the ids, so the same records are held out in every
-    round, run and restart, and the rest is the same training set every time."""
-    import hashlib
+def _image_groups(data: CaptionSet) -> np.ndarray:
+    """Each record's image group [N]: records with the same image content (the source file's bytes
+    digest when a loader read one, else the pixels) share a group, numbered by first appearance."""
+    keys = data.source_digests if data.source_digests is not None else \
+        [hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest() for image in data.images]
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(key, len(first)) for key in keys], dtype=np.int64)
 
-    buckets = np.array([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) % 10 for i in data.image_ids])
-    held = np.flatnonzero(buckets < 1)
-    if len(held) == 0 or len(held) == len(data):
-        held = np.arange(len(data) - max(1, len(data) // 10), len(data))
-    kept = np.setdiff1d(np.arange(len(data)), held)
-    if len(kept) == 0:
-        raise ValueError(f"{what} has {len(data)} record(s): too few to hold some out")
-    return data.subset(kept), data.subset(held)
+
+def _decile(image_id: str) -> int:
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % 10
+
+
+def hash_split(data: CaptionSet, *, what: str = "dataset") -> tuple[CaptionSet, CaptionSet]:
+    """(kept, held out): every copy of one image goes to the same side, held out when the group's
+    smallest image id hashes into the first decile (with every image unique: each record whose
+    id does). When that holds out none or all, the whole groups of the last records are held
+    out, at least max(1, n // 10) records (only the last record's group if that would be all).
+    Deterministic in the ids and image contents, so the same records are held out in every
+    round, run and restart, and the rest is the same training set every time; ValueError naming
+    the count when nothing is kept."""
+    n = len(data)
+    groups = _image_groups(data)
+    smallest: dict[int, str] = {}
+    for group, image_id in zip(groups.tolist(), data.image_ids):
+        smallest[group] = min(smallest.get(group, image_id), image_id)
+    held_groups = np.array([_decile(smallest[g]) < 1 for g in range(len(smallest))], dtype=bool)
+    held = held_groups[groups]  # [N]
+    if not held.any() or held.all():
+        held = np.zeros(n, dtype=bool)
+        for k in range(n - 1, -1, -1):
+            if held.sum() >= max(1, n // 10):
+                break
+            held |= groups == groups[k]
+        if held.all() and n:
+            held = groups == groups[-1]
+    if held.all():
+        raise ValueError(f"{what} has {n} record(s) of {len(smallest)} distinct image(s): too few to hold some out")
+    return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held))

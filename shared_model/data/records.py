@@ -1,4 +1,5 @@
-"""In-memory caption datasets shared by every loader, generator and partitioner.
+"""Caption datasets shared by every loader, generator and partitioner: in memory, or with the
+images left on disk (`ImageRows`, a site's data store: shared_model/data/store.py).
 
 A *record* is one image with all of its reference captions. It is FedCap's unit of
 privacy: DP-SGD draws one of a record's captions per training example, so a record
@@ -13,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .rows import ImageRows
+
 
 @dataclass(frozen=True)
 class SkippedRecord:
@@ -25,9 +28,10 @@ class SkippedRecord:
 
 @dataclass
 class CaptionSet:
-    """Images and their reference captions, all in memory.
+    """Images and their reference captions.
 
-    images:    uint8 [N, H, W, 3] RGB
+    images:    uint8 [N, H, W, 3] RGB: a numpy array, or `ImageRows` (rows read from disk on
+               demand; `subset` then copies no pixel)
     captions:  N tuples of raw caption strings (at least one each)
     image_ids: N unique string ids
     labels:    optional int [N], one attribute per image used for label-skew partitioning
@@ -36,7 +40,7 @@ class CaptionSet:
                folder loaders), so a record's identity does not depend on the decoding size
     """
 
-    images: np.ndarray
+    images: np.ndarray | ImageRows
     captions: list[tuple[str, ...]]
     image_ids: list[str]
     labels: np.ndarray | None = None
@@ -44,9 +48,10 @@ class CaptionSet:
     source_digests: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
-            raise TypeError(f"images must be a uint8 numpy array, got {type(self.images).__name__}"
-                            f"{'' if not isinstance(self.images, np.ndarray) else ' of ' + str(self.images.dtype)}")
+        in_memory = isinstance(self.images, np.ndarray)
+        if not isinstance(self.images, ImageRows) and (not in_memory or self.images.dtype != np.uint8):
+            raise TypeError(f"images must be a uint8 numpy array or ImageRows, got {type(self.images).__name__}"
+                            f"{' of ' + str(self.images.dtype) if in_memory else ''}")
         if self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise ValueError(f"images must have shape [N, H, W, 3], got {tuple(self.images.shape)}")
         n = self.images.shape[0]
@@ -71,7 +76,7 @@ class CaptionSet:
     def subset(self, indices: Sequence[int] | np.ndarray) -> "CaptionSet":
         idx = np.asarray(indices, dtype=np.int64)
         return CaptionSet(
-            images=self.images[idx],
+            images=self.images.take(idx) if isinstance(self.images, ImageRows) else self.images[idx],
             captions=[self.captions[i] for i in idx],
             image_ids=[self.image_ids[i] for i in idx],
             labels=None if self.labels is None else self.labels[idx],

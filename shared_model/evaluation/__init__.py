@@ -9,7 +9,7 @@ _MODULES = {  # submodule: its public names
     'canaries': ('CAPTION_WORDS', 'PATTERN_CELLS', 'append_records', 'canary_scores', 'draw_membership',
                  'included_canaries', 'make_canaries'),
     'gallery': ('GALLERY_SIZE', 'Gallery', 'write_gallery'),
-    'evaluator': ('evaluate', 'generate_captions', 'mean_caption_loss'),
+    'evaluator': ('decoding', 'evaluate', 'generate_captions', 'mean_caption_loss'),
     'metrics': ('METRIC_NAMES', 'caption_metrics', 'trivial_baseline_predictions'),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}

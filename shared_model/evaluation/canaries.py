@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared_model.data import (SPECIALS, CaptionSet, Vocabulary, check_int, encode_captions, image_tensor,
+from shared_model.data import (SPECIALS, CaptionSet, ImageRows, Vocabulary, check_int, encode_captions, image_tensor,
                                synthetic_vocabulary)
 from shared_model.model import caption_loss
 
@@ -63,7 +63,9 @@ def append_records(data: CaptionSet, extra: CaptionSet) -> CaptionSet:
     labels = None
     if data.labels is not None or extra.labels is not None:
         labels = np.concatenate([_labels(data), _labels(extra)])
-    return CaptionSet(images=np.concatenate([data.images, extra.images]), captions=[*data.captions, *extra.captions],
+    on_disk = any(isinstance(d.images, ImageRows) for d in (data, extra))  # a data store: read no pixel
+    images = ImageRows.concat([data.images, extra.images]) if on_disk else np.concatenate([data.images, extra.images])
+    return CaptionSet(images=images, captions=[*data.captions, *extra.captions],
                       image_ids=[*data.image_ids, *extra.image_ids], labels=labels)
 
 

@@ -12,6 +12,11 @@ from shared_model.data import CaptionSet, Vocabulary
 from shared_model.model import caption_loss
 
 
+def decoding(beam_size: int) -> str:
+    """How captions were decoded, in the words every printed score carries (a score depends on it)."""
+    return "greedy decoding (beam 1)" if int(beam_size) == 1 else f"beam search (beam {int(beam_size)})"
+
+
 @torch.no_grad()
 def generate_captions(model: nn.Module, data: CaptionSet, vocab: Vocabulary, *, beam_size: int = 1,
                       batch_size: int = 128, device: torch.device | str = "cpu") -> dict[str, str]:

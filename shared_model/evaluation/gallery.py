@@ -48,7 +48,7 @@ class Gallery:
             name = f"{k:02d}.png"
             image = Image.fromarray(np.ascontiguousarray(self.images[image_id]))
             image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST).save(self.folder / name)
-            refs = "<br>".join(_cell(c) for c in self.references[image_id][:2])
+            refs = "<br>".join(_cell(c) for c in self.references[image_id])  # every reference
             lines.append(f"| ![{_cell(image_id)}]({self.folder.name}/{name}) | {refs} | "
                          + " | ".join(_cell(shown[image_id]) for _, shown in columns) + " |")
         return lines
@@ -57,8 +57,8 @@ class Gallery:
 def write_gallery(model, data, vocab, out_dir: str | Path, *, label: str, size: int = GALLERY_SIZE,
                   beam_size: int = 1, device="cpu") -> Path:
     """<out_dir>/gallery.md and <out_dir>/images/*.png: the first `size` records of `data` with
-    their references and `model`'s captions (column `label`)."""
-    from .evaluator import generate_captions
+    their references and `model`'s captions (column `label`, e.g. the checkpoint's folder)."""
+    from .evaluator import decoding, generate_captions
 
     if size < 1:
         raise ValueError(f"gallery size must be >= 1, got {size}")
@@ -67,7 +67,8 @@ def write_gallery(model, data, vocab, out_dir: str | Path, *, label: str, size: 
     gallery = Gallery(shown, out / "images", size=size)
     gallery.observe(label, generate_captions(model.to(device), shown, vocab, beam_size=beam_size, device=device))
     path = out / "gallery.md"
-    path.write_text("\n".join(gallery.section(title=f"What {label} says")[1:]) + "\n", encoding="utf-8")
+    title = f"What the model says: {label}, {decoding(beam_size)}"
+    path.write_text("\n".join(gallery.section(title=title)[1:]) + "\n", encoding="utf-8")
     return path
 
 

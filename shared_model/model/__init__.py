@@ -8,10 +8,10 @@ from shared_model.lazy import lazy_exports
 _MODULES = {  # submodule: its public names
     'captioner': ('CaptionLoss', 'Captioner', 'caption_loss'),
     'checkpoint': ('checkpoint_sha256', 'load_checkpoint', 'model_state', 'save_checkpoint'),
-    'config': ('DECODERS', 'ENCODERS', 'FUSIONS', 'RUN_CONFIG_KEYS', 'CaptionerConfig',
-               'captioner_config_from_run_config'),
+    'config': ('BATCHNORM_ENCODERS', 'DECODERS', 'ENCODERS', 'FUSIONS', 'RUN_CONFIG_KEYS', 'TRAINING_ONLY', 'CaptionerConfig',
+               'captioner_config_from_run_config', 'check_same_model'),
     'decoding': ('beam_search', 'greedy_decode'),
-    'encoders': ('build_encoder', 'load_resnet18_backbone'),
+    'encoders': ('TORCHVISION', 'build_encoder', 'load_resnet18_backbone', 'load_torchvision_backbone'),
     'layers': ('LSTM', 'MultiHeadAttention', 'TransformerDecoderLayer', 'sinusoidal_positions',
                'sinusoidal_positions_2d'),
     'trainable': ('TRAINABLE', 'check_trainable', 'parameter_group', 'set_trainable'),

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-ENCODERS = ("cnn", "resnet18")
+ENCODERS = ("cnn", "resnet18", "resnet50", "vgg16", "mobilenet_v3_large", "vit_b_16")  # all but cnn: torchvision
+BATCHNORM_ENCODERS = ("resnet18", "resnet50", "mobilenet_v3_large")  # frozen: BatchNorm; trainable: GroupNorm
 FUSIONS = ("concat", "add", "attention")
 DECODERS = ("lstm", "transformer")
 
@@ -16,8 +17,8 @@ DECODERS = ("lstm", "transformer")
 class CaptionerConfig:
     vocab_size: int
     image_size: int = 64
-    encoder: str = "cnn"  # cnn | resnet18
-    encoder_weights: str | None = None  # local torchvision resnet18 state_dict file (resnet18 only)
+    encoder: str = "cnn"  # one of ENCODERS
+    encoder_weights: str | None = None  # a local torchvision state_dict file of `encoder` (not cnn)
     freeze_encoder: bool = False
     cnn_channels: tuple[int, ...] = (32, 64, 128)  # each stage halves the resolution
     fusion: str = "attention"  # concat | add | attention
@@ -57,8 +58,13 @@ class CaptionerConfig:
                 f"image_size ({self.image_size}) must be divisible by 2**len(cnn_channels) "
                 f"({2 ** len(self.cnn_channels)})"
             )
-        if self.encoder_weights is not None and self.encoder != "resnet18":
-            raise ValueError(f"encoder_weights is only used by encoder 'resnet18', got encoder {self.encoder!r}")
+        if self.encoder_weights is not None and self.encoder == "cnn":
+            raise ValueError(f"encoder_weights is for a torchvision encoder ({', '.join(ENCODERS[1:])}), got encoder "
+                             f"'cnn' with encoder_weights {self.encoder_weights!r}")
+        if self.encoder == "vit_b_16" and self.image_size % 16:
+            raise ValueError(f"encoder vit_b_16 needs image_size a multiple of 16 (its patch), got {self.image_size}")
+        if self.encoder == "vgg16" and self.image_size < 32:
+            raise ValueError(f"encoder vgg16 needs image_size >= 32 (five 2x poolings), got {self.image_size}")
         object.__setattr__(self, "cnn_channels", tuple(int(c) for c in self.cnn_channels))
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +85,25 @@ class CaptionerConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Fields that change neither the weights' shapes nor what they compute from an image: a checkpoint
+# may be loaded under other values of these (the weights file is not needed: the checkpoint holds every weight).
+# (freeze_encoder except for BATCHNORM_ENCODERS, where a frozen encoder keeps BatchNorm and a trainable
+# one has GroupNorm: other weights).
+TRAINING_ONLY = ("encoder_weights", "freeze_encoder", "dropout")
+
+
+def check_same_model(saved: CaptionerConfig, wanted: CaptionerConfig, *, what: str) -> None:
+    """ValueError naming the first field (image_size, encoder, d_model, ...) in which the checkpoint's
+    model `saved` differs from the model a run asks for, `what` naming the checkpoint. Image size
+    counts: the weights of a convolutional encoder load at any size, but compute other features."""
+    want = wanted.to_dict()
+    model_defining = {"freeze_encoder"} if saved.encoder in BATCHNORM_ENCODERS else set()
+    for field, value in saved.to_dict().items():
+        if (field not in TRAINING_ONLY or field in model_defining) and want[field] != value:
+            raise ValueError(f"{what} has model {field}={value!r} but this run gives {want[field]!r}: give the "
+                             f"checkpoint's {field} (or start from another checkpoint)")
 
 
 # run_config (kebab-case, [tool.flwr.app.config]) key -> CaptionerConfig field

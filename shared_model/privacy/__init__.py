@@ -23,7 +23,8 @@ _MODULES = {  # submodule: its public names
                      'check_witnessed_heads', 'find_ledgers'),
     'membership': ('SNAPSHOT_EVERY', 'MembershipError', 'MembershipStore', 'membership_version'),
     'migrate': ('V1', 'migrate_v1', 'read_v1'),
-    'site_budget': ('RoundPlan', 'RunRequest', 'SiteBudget', 'plan_round', 'run_epsilon_alone'),
+    'site_budget': ('CountRelease', 'RoundPlan', 'RunRequest', 'SiteBudget', 'make_grant', 'plan_round',
+                    'public_epsilon', 'release_count', 'run_epsilon_alone', 'run_plan'),
     'vocab_release': ('VocabRelease', 'clipped_counts', 'merge_releases', 'noisy_release', 'record_words',
                       'release_vocabulary'),
 }

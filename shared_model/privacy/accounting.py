@@ -11,8 +11,11 @@ terms: SelfComposedDpEvent(PoissonSampledDpEvent(sample_rate, GaussianDpEvent(no
 steps). The clipping norm itself does not change epsilon.
 
 Accountants (all compose every event of a dataset's whole history):
-  "prv"  Opacus PRV accountant (numerical, tight; FedCap's default)
-  "rdp"  Opacus RDP accountant (an upper bound, looser than PRV/PLD)
+  "prv"  Opacus PRV accountant (numerical, tight)
+  "rdp"  Opacus RDP accountant (an upper bound, looser than PRV/PLD), converted at the best order
+         of Opacus's grid for each history
+  "rdp@A"  the same RDP curve at the one order A, converted there: what a site's Rényi filter
+         enforces (a filter is proved at one order fixed in advance; `filter_order`)
   "pld"  Google dp_accounting privacy-loss-distribution accountant (numerical, tight)
   "dp-rdp"  Google dp_accounting RDP accountant
 Opacus's GDP accountant under-reports epsilon for these mechanisms and is not offered.
@@ -28,10 +31,47 @@ import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 ACCOUNTANTS = ("prv", "rdp", "pld", "dp-rdp")
 OPACUS_ACCOUNTANTS = ACCOUNTANTS[:2]  # the ones an Opacus PrivacyEngine can attach to an optimizer
+
+
+def check_accountant(name: str, allowed: Sequence[str] = ACCOUNTANTS) -> str:
+    """`name` if it is one of `allowed` or "rdp@A" (A > 1, a fixed Rényi order); else ValueError."""
+    if name in allowed:
+        return name
+    if isinstance(name, str) and name.startswith("rdp@"):
+        try:
+            if float(name[4:]) > 1:
+                return name
+        except ValueError:
+            pass
+    raise ValueError(f"accountant must be one of {tuple(allowed)} or 'rdp@ORDER' (ORDER > 1), got {name!r}")
+
+
+@lru_cache(maxsize=64)
+def filter_order(target_epsilon: float, target_delta: float) -> float:
+    """The Rényi order at which a site with budget (target_epsilon, target_delta) enforces its
+    filter: the order of Opacus's grid that is best for a reference DP-SGD plan (Poisson rate 0.05,
+    500 steps) calibrated to exactly that budget. It depends on the budget alone, so it is fixed
+    before the site's first mechanism, as the Rényi filter theorem requires (docs/privacy.md: it
+    costs 0.1-1.2% more noise than the best order chosen after the fact)."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    per_step = lambda sigma: analysis.compute_rdp(q=0.05, noise_multiplier=sigma, steps=500, orders=orders)  # noqa: E731
+    lo, hi = 0.3, 100.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            eps, _ = analysis.get_privacy_spent(orders=orders, rdp=np.asarray(per_step(mid)), delta=target_delta)
+            lo, hi = (lo, mid) if eps <= target_epsilon else (mid, hi)
+        _, order = analysis.get_privacy_spent(orders=orders, rdp=np.asarray(per_step(hi)), delta=target_delta)
+    return float(order)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +157,7 @@ def compute_epsilon(events: Iterable[DPSGDEvent], *, target_delta: float, accoun
 
 def signature_epsilon(sig: Signature, *, target_delta: float, accountant: str = "prv") -> float:
     """Epsilon at `target_delta` of the composition a signature stands for (0.0 for none)."""
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    check_accountant(accountant)
     if not 0 < target_delta < 1:
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta!r}")
     return _epsilon(tuple(sig), float(target_delta), accountant)
@@ -130,6 +169,8 @@ def _epsilon(sig: Signature, delta: float, accountant: str) -> float:
     if not sig:
         return 0.0
     events = [DPSGDEvent(sample_rate=q, noise_multiplier=s, steps=n) for q, s, n in sig]
+    if accountant.startswith("rdp@"):
+        return _opacus_rdp_epsilon(events, delta, orders=(float(accountant[4:]),))
     if accountant in ("prv", "rdp"):
         return _opacus_epsilon(events, delta, accountant)
     return _dp_accounting_epsilon(events, delta, accountant)
@@ -147,28 +188,28 @@ def _opacus_epsilon(events: Sequence[DPSGDEvent], delta: float, name: str) -> fl
         return float(acc.get_epsilon(delta=delta))
 
 
-def _opacus_rdp_epsilon(events: Sequence[DPSGDEvent], delta: float) -> float:
-    """What Opacus's RDPAccountant.get_epsilon computes, with its orders and its conversion, but with
-    the per-step RDP curve of each (sample_rate, noise_multiplier) computed once: RDP composes
-    linearly in steps, so a long ledger's prefixes cost one vector sum each, not a new analysis."""
+def _opacus_rdp_epsilon(events: Sequence[DPSGDEvent], delta: float, orders: tuple[float, ...] | None = None
+                        ) -> float:
+    """What Opacus's RDPAccountant.get_epsilon computes, with its orders (or the given ones) and its
+    conversion, but with the per-step RDP curve of each (sample_rate, noise_multiplier) computed
+    once: RDP composes linearly in steps, so a long ledger's prefixes cost one vector sum each."""
     import numpy as np
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as analysis
 
-    total = sum(e.steps * _rdp_per_step(e.sample_rate, e.noise_multiplier) for e in events)
+    orders = tuple(RDPAccountant.DEFAULT_ALPHAS) if orders is None else orders
+    total = sum(e.steps * _rdp_per_step(e.sample_rate, e.noise_multiplier, orders) for e in events)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=np.asarray(total), delta=delta)
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        eps, _ = analysis.get_privacy_spent(orders=list(orders), rdp=np.atleast_1d(np.asarray(total)), delta=delta)
     return float(eps)
 
 
-@lru_cache(maxsize=256)
-def _rdp_per_step(sample_rate: float, noise_multiplier: float):
-    from opacus.accountants import RDPAccountant
+@lru_cache(maxsize=512)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]):
     from opacus.accountants.analysis import rdp as analysis
 
-    return analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                orders=RDPAccountant.DEFAULT_ALPHAS)
+    return analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders))
 
 
 def _dp_accounting_epsilon(events: Sequence[DPSGDEvent], delta: float, name: str) -> float:
@@ -179,3 +220,47 @@ def _dp_accounting_epsilon(events: Sequence[DPSGDEvent], delta: float, name: str
     for e in events:
         acc.compose(e.to_dp_event())
     return float(acc.get_epsilon(delta))
+
+
+def rdp_at(events: Iterable[DPSGDEvent], order: float) -> float:
+    """The Rényi divergence at `order` of the composition of `events` (Opacus's RDP analysis of the
+    Poisson-sampled Gaussian, summed over steps: RDP composes additively at a fixed order)."""
+    order = float(order)
+    return float(sum(e.steps * float(_rdp_per_step(e.sample_rate, e.noise_multiplier, (order,))[0])
+                     for e in merge_events(events)))
+
+
+def conversion_cost(order: float, delta: float) -> float:
+    """Opacus's RDP-to-(epsilon, delta) conversion at one order with nothing spent: the epsilon any
+    mechanism's (order, r)-RDP adds r to (epsilon = r + conversion_cost(order, delta))."""
+    return float(-(math.log(delta) + math.log(order)) / (order - 1) + math.log((order - 1) / order))
+
+
+def smallest_noise(cost: Callable[[float], float], target: float, *, what: str, max_noise: float = 1e3) -> float:
+    """The smallest noise multiplier sigma (to 0.1% relative) with cost(sigma) <= target, for a cost
+    that falls as sigma grows; ValueError naming `what` when none up to `max_noise` fits."""
+    lo, hi = 0.05, 1.0
+    while cost(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > max_noise:
+            raise ValueError(f"no noise multiplier up to {max_noise:g} keeps {what} within {target:.4g}")
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost(mid) <= target else (mid, hi)
+    return hi
+
+
+def calibrate_after(*, prior: Sequence[DPSGDEvent], sample_rate: float, steps: int, target_epsilon: float,
+                    target_delta: float, accountant: str = "rdp", max_noise: float = 1e3) -> float:
+    """The smallest noise multiplier (to 0.1% relative) whose `steps` Poisson-sampled Gaussian steps
+    at `sample_rate`, composed after the mechanisms `prior`, stay within (target_epsilon,
+    target_delta) under `accountant`; ValueError when none up to `max_noise` fits."""
+    if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+    return smallest_noise(
+        lambda sigma: compute_epsilon([*prior, DPSGDEvent(sample_rate=sample_rate, noise_multiplier=sigma,
+                                                          steps=steps)], target_delta=target_delta,
+                                      accountant=accountant),
+        target_epsilon, max_noise=max_noise,
+        what=f"{steps} steps at sample rate {sample_rate:.4g} after {len(list(prior))} earlier mechanism(s) at "
+             f"delta {target_delta:g}")

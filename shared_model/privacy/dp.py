@@ -124,14 +124,18 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
 
 
 def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, noise_multiplier: float,
-                 max_grad_norm: float, accountant: str = "prv", secure_mode: bool = False,
-                 grad_sample_mode: str = "hooks"):
+                 max_grad_norm: float, accountant: str = "prv", grad_sample_mode: str = "hooks",
+                 noise_generator=None, poisson_sampling: bool = True):
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling.
 
     `grad_sample_mode` "hooks" (per-example gradients) or "ghost" (ghost clipping; the module must
     not be a Captioner with an LSTM decoder, refused here before Opacus sees it). Under ghost the
     optimizer is Opacus's DPOptimizerFastGradientClipping and the loss must go through
     `model.training.training_loss(module, optimizer)`, which `train_epoch` does by itself.
+    `noise_generator`: the torch.Generator the noise is drawn from (None: torch's global one).
+    `poisson_sampling` False: `data_loader` is already Opacus's DPDataLoader and is used as it is
+    (`private_training`). The noise is always drawn as Opacus's secure_mode draws it (the sum of four
+    Gaussians, robust to the floating-point attacks on one Gaussian sample: docs/privacy.md).
     Returns (privacy_engine, module, optimizer, data_loader); `privacy_engine.accountant` records
     every optimizer step, including the noise-only steps of empty Poisson batches.
     """
@@ -148,12 +152,14 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
         extra["criterion"] = CaptionLoss()  # Opacus wraps it again; training_loss builds the same wrapper
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
+        engine = PrivacyEngine(accountant=accountant, secure_mode=False)  # secure_mode needs torchcsprng
         wrapped = engine.make_private(
             module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode, **extra,
+            max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling, grad_sample_mode=grad_sample_mode,
+            noise_generator=noise_generator, **extra,
         )
     module, optimizer, data_loader = wrapped[0], wrapped[1], wrapped[-1]
+    optimizer.secure_mode = True  # Opacus's floating-point-safe noise, with our generator
     return engine, module, optimizer, data_loader
 
 
@@ -174,15 +180,30 @@ def plan_dp_sgd(*, num_records: int, batch_size: int, epochs: int, target_delta:
     return DPSGDEvent(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps)
 
 
-def private_training(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, event: DPSGDEvent,
-                     max_grad_norm: float, accountant: str = "prv", grad_sample_mode: str = "hooks"):
-    """`make_private` for a planned `event`; refuses a loader whose Poisson rate is not the event's."""
-    engine, module, optimizer, data_loader = make_private(
-        module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=event.noise_multiplier,
-        max_grad_norm=max_grad_norm, accountant=accountant, grad_sample_mode=grad_sample_mode)
-    if abs(data_loader.sample_rate - event.sample_rate) > 1e-12:
-        raise RuntimeError(f"Opacus sample_rate {data_loader.sample_rate} != planned {event.sample_rate}")
-    return engine, module, optimizer, data_loader
+def private_training(*, module: nn.Module, optimizer: Optimizer, dataset, event: DPSGDEvent, epochs: int,
+                     expected_batch_size: float, max_grad_norm: float, accountant: str = "prv",
+                     grad_sample_mode: str = "hooks", sampling_generator=None, noise_generator=None):
+    """`make_private` for a planned `event` over `dataset`: Opacus's Poisson loader at exactly the
+    event's sample rate, taking exactly event.steps / epochs steps per epoch, and the noisy sum
+    divided by `expected_batch_size`, a public number (the plan's; Opacus would use
+    len(dataset) x rate, which is private). Poisson sampling draws from `sampling_generator` (a CPU
+    torch.Generator), the noise from `noise_generator` (on the model's device); None: torch's global
+    generator (randomness.py makes both)."""
+    from opacus.data_loader import DPDataLoader
+
+    if event.steps % epochs:
+        raise ValueError(f"the event's {event.steps} steps are not a whole number per epoch of {epochs} epochs")
+    loader = DPDataLoader(dataset, sample_rate=event.sample_rate, generator=sampling_generator)
+    loader.batch_sampler.steps = event.steps // epochs  # not int(1 / rate): the plan's steps, exactly
+    engine, module, optimizer, loader = make_private(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=event.noise_multiplier,
+        max_grad_norm=max_grad_norm, accountant=accountant, grad_sample_mode=grad_sample_mode,
+        noise_generator=noise_generator, poisson_sampling=False)
+    module.forbid_grad_accumulation()  # what make_private does for its own Poisson loaders
+    optimizer.expected_batch_size = float(expected_batch_size)
+    if abs(loader.sample_rate - event.sample_rate) > 1e-12:
+        raise RuntimeError(f"Opacus sample_rate {loader.sample_rate} != planned {event.sample_rate}")
+    return engine, module, optimizer, loader
 
 
 def unwrap(module: nn.Module) -> nn.Module:

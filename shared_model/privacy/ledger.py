@@ -8,7 +8,10 @@ neighbours. Each "dp-sgd" line is one round's mechanism (`steps` Poisson-sampled
 chain covers it: membership.py). A record's epsilon composes every event whose membership holds it,
 across rounds, runs, restarts and whatever else was added or removed meanwhile (individual.py).
 Each "grant" line opens a run: the per-run allowance the site granted and the noise multiplier it
-calibrated to that allowance over the run plan (site_budget.py). Each "vocab-gaussian" line is one
+calibrated to that allowance over the run plan (site_budget.py); it is preceded by the run's
+"count-gaussian" line: the Gaussian release (sensitivity 1) of how many records the site holds,
+from which, and not from the exact count, the run's sample rate, steps and reported num-examples
+are computed (site_budget.py). Each "vocab-gaussian" line is one
 private vocabulary release (vocab_release.py): a Gaussian mechanism over the word counts of the
 records in its membership (noise_multiplier x sqrt(max_words_per_record)), thresholded at the site
 with `threshold_delta`; in a record's history it is one more event (accounting.gaussian_event).
@@ -38,7 +41,7 @@ from typing import Any, Iterator
 
 from shared_model.util import atomic_write, utc_now
 
-from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, gaussian_event
+from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, check_accountant, gaussian_event
 from .individual import RecordHistories
 from .membership import MembershipError, MembershipStore
 
@@ -56,8 +59,11 @@ FIELDS = {
     "vocab-gaussian": COMMON + ("membership", "membership_sha256", "records_counted", "records_retired",
                                 "noise_multiplier", "max_words_per_record", "threshold", "threshold_delta",
                                 "words_released", "target_epsilon", "target_delta", "accountant", "epsilon"),
+    "count-gaussian": COMMON + ("membership", "membership_sha256", "records_counted", "noise_multiplier",
+                                "noisy_count", "target_epsilon", "target_delta", "accountant", "epsilon"),
 }
-EVENT_KINDS = ("dp-sgd", "vocab-gaussian")  # lines that are a mechanism over the records of their membership
+# lines that are a mechanism over the records of their membership
+EVENT_KINDS = ("dp-sgd", "vocab-gaussian", "count-gaussian")
 MIGRATE_HINT = "migrate it with `fedcap ledger migrate STATE_DIR --data-dir DIR --format FORMAT` (docs/privacy.md)"
 
 
@@ -86,11 +92,16 @@ def record_hash(record: dict[str, Any]) -> str:
 
 
 def record_event(record: dict[str, Any]) -> DPSGDEvent:
-    """The mechanism of an event line (dp-sgd or vocab-gaussian) as an accounting event."""
-    if record["kind"] == "vocab-gaussian":
+    """The mechanism of an event line (dp-sgd, vocab-gaussian, count-gaussian) as an accounting event."""
+    if record["kind"] in ("vocab-gaussian", "count-gaussian"):
         return gaussian_event(noise_multiplier=record["noise_multiplier"])
     return DPSGDEvent(sample_rate=record["sample_rate"], noise_multiplier=record["noise_multiplier"],
                       steps=record["steps"])
+
+
+def record_extra_delta(record: dict[str, Any]) -> float:
+    """The delta an event line adds beyond its accountant's (a vocabulary release's thresholding)."""
+    return float(record["threshold_delta"]) if record["kind"] == "vocab-gaussian" else 0.0
 
 
 def _number(x: Any) -> bool:
@@ -111,8 +122,10 @@ def _check_record(record: Any, where: str) -> None:
     missing = [f for f in FIELDS[kind] if f not in record]
     if missing:
         raise LedgerError(f"{where}: missing fields {missing}")
-    if record["accountant"] not in OPACUS_ACCOUNTANTS:
-        raise LedgerError(f"{where}: unknown accountant {record['accountant']!r}")
+    try:
+        check_accountant(record["accountant"], OPACUS_ACCOUNTANTS)
+    except ValueError:
+        raise LedgerError(f"{where}: unknown accountant {record['accountant']!r}") from None
     if not (_number(record["target_delta"]) and 0 < record["target_delta"] < 1):
         raise LedgerError(f"{where}: target_delta must be in (0, 1), got {record['target_delta']!r}")
     if not (_number(record["target_epsilon"]) and record["target_epsilon"] > 0):
@@ -189,7 +202,7 @@ def build_histories(records: list[dict[str, Any]], store: MembershipStore,
         if sha != r["membership_sha256"] or len(members) != r.get("records_trained", r.get("records_counted")):
             raise LedgerError(f"ledger line {n}: membership file {store.path(r['membership'])} does not match the "
                               f"hash or record count the ledger line holds")
-        touched.append(histories.add(record_event(r), r["membership"], members))
+        touched.append(histories.add(record_event(r), r["membership"], members, extra_delta=record_extra_delta(r)))
     return histories, touched
 
 
@@ -256,6 +269,9 @@ class PrivacyLedger:
                 target = self.mirror_dir / "membership" / f.name
                 if not target.exists():
                     shutil.copyfile(f, target)
+            identities = self.path.parent / "identities.json"  # privacy/identity.py: which row is which record
+            if identities.exists():
+                atomic_write(self.mirror_dir / identities.name, identities.read_bytes())
             atomic_write(self.mirror_dir / self.path.name, data)
 
 
@@ -278,9 +294,30 @@ class LedgerTransaction:
     def last_membership(self) -> str | None:
         return next((r["membership"] for r in reversed(self.records) if r["kind"] in EVENT_KINDS), None)
 
-    def run_releases(self, run_id: str) -> list[DPSGDEvent]:
-        """The private vocabulary releases of run `run_id` (spent before its first round)."""
-        return [record_event(r) for r in self.records if r["kind"] == "vocab-gaussian" and r["run_id"] == str(run_id)]
+    def run_events(self, run_id: str) -> list[DPSGDEvent]:
+        """Every mechanism run `run_id` has run so far (vocabulary releases, its count, its rounds):
+        what the run's allowance pays for, composed as for a record that took part in all of them."""
+        return [record_event(r) for r in self.records if r["kind"] in EVENT_KINDS and r["run_id"] == str(run_id)]
+
+    def run_extra_delta(self, run_id: str) -> float:
+        return sum(record_extra_delta(r) for r in self.records if r["kind"] in EVENT_KINDS
+                   and r["run_id"] == str(run_id))
+
+    def all_events(self) -> tuple[list[DPSGDEvent], float]:
+        """Every mechanism this ledger records and their extra deltas summed: the history of a record
+        that took part in all of them, an upper bound on every record's (a function of the
+        mechanisms alone, each of which the server saw through its replies)."""
+        lines = [r for r in self.records if r["kind"] in EVENT_KINDS]
+        return [record_event(r) for r in lines], sum(record_extra_delta(r) for r in lines)
+
+    def events_before(self, run_id: str) -> tuple[list[DPSGDEvent], float]:
+        """`all_events` less run `run_id`'s own: the history a run's grant is calibrated against."""
+        lines = [r for r in self.records if r["kind"] in EVENT_KINDS and r["run_id"] != str(run_id)]
+        return [record_event(r) for r in lines], sum(record_extra_delta(r) for r in lines)
+
+    def trained_rounds(self, run_id: str) -> list[int]:
+        """The server rounds of run `run_id` that this site trained (dp-sgd lines)."""
+        return [int(r["server_round"]) for r in self.records if r["kind"] == "dp-sgd" and r["run_id"] == str(run_id)]
 
     def grant(self, run_id: str) -> dict[str, Any] | None:
         return next((r for r in self.records if r["kind"] == "grant" and r["run_id"] == str(run_id)), None)
@@ -290,11 +327,8 @@ class LedgerTransaction:
                      epsilon: float, init_checkpoint: str = "") -> dict[str, Any]:
         """One DP-SGD round: store its membership (a delta against the last one) and append the line.
         `epsilon` is the largest cumulative epsilon among `members` after the round, as checked."""
-        store = self.ledger.membership
-        version = store.put(members, base=self.last_membership())
-        return self.append({
-            "kind": "dp-sgd", "run_id": str(run_id), "server_round": int(server_round), "membership": version,
-            "membership_sha256": store.file_sha256(version), "records_trained": len(set(members)),
+        return self._append_event("dp-sgd", run_id, members, {
+            "server_round": int(server_round), "records_trained": len(set(members)),
             "records_retired": int(retired), "sample_rate": float(event.sample_rate),
             "noise_multiplier": float(event.noise_multiplier), "steps": int(event.steps),
             "max_grad_norm": float(max_grad_norm), "target_epsilon": float(target_epsilon),
@@ -307,16 +341,27 @@ class LedgerTransaction:
                              epsilon: float) -> dict[str, Any]:
         """One private vocabulary release over the word counts of `members` (vocab_release.py).
         `epsilon` is the largest cumulative epsilon among `members` after it, as checked."""
-        store = self.ledger.membership
-        version = store.put(members, base=self.last_membership())
-        return self.append({
-            "kind": "vocab-gaussian", "run_id": str(run_id), "membership": version,
-            "membership_sha256": store.file_sha256(version), "records_counted": len(set(members)),
-            "records_retired": int(retired), "noise_multiplier": float(noise_multiplier),
+        return self._append_event("vocab-gaussian", run_id, members, {
+            "records_counted": len(set(members)), "records_retired": int(retired), "noise_multiplier": float(noise_multiplier),
             "max_words_per_record": int(max_words_per_record), "threshold": float(threshold),
             "threshold_delta": float(threshold_delta), "words_released": int(words_released),
             "target_epsilon": float(target_epsilon), "target_delta": float(target_delta), "accountant": accountant,
             "epsilon": float(epsilon)})
+
+    def append_count(self, *, run_id: str, members: list[str], noise_multiplier: float, noisy_count: float,
+                     target_epsilon: float, target_delta: float, accountant: str, epsilon: float) -> dict[str, Any]:
+        """The run's count release: |members| + N(0, noise_multiplier^2), over `members`."""
+        return self._append_event("count-gaussian", run_id, members, {
+            "records_counted": len(set(members)), "noise_multiplier": float(noise_multiplier), "noisy_count": float(noisy_count),
+            "target_epsilon": float(target_epsilon), "target_delta": float(target_delta), "accountant": accountant,
+            "epsilon": float(epsilon)})
+
+    def _append_event(self, kind: str, run_id: str, members: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+        """An event line over `members`: their set stored (a delta against the last one) and cited."""
+        store = self.ledger.membership
+        version = store.put(members, base=self.last_membership())
+        return self.append({"kind": kind, "run_id": str(run_id), "membership": version,
+                            "membership_sha256": store.file_sha256(version), **fields})
 
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         record = {"format": FORMAT, **fields, "time": utc_now(), "prev_hash": self.head[0]}
@@ -326,6 +371,7 @@ class LedgerTransaction:
         self.records = [*self.records, record]
         if self._histories is not None and record["kind"] in EVENT_KINDS:
             self._histories.add(record_event(record), record["membership"],
-                                self.ledger.membership.load(record["membership"]))
+                                self.ledger.membership.load(record["membership"]),
+                                extra_delta=record_extra_delta(record))
         return record
 

@@ -5,8 +5,15 @@ one site, add/remove neighbours; each "dp-sgd" ledger line is `steps` Poisson-sa
 steps over the records of its membership file, and a record's privacy loss composes every line
 whose membership holds it (individual.py), across rounds, runs and dataset changes. A
 "vocab-gaussian" line (a private vocabulary release, vocab_release.py) is one Gaussian mechanism
-over the records of its membership and is replayed and checked like a dp-sgd line; its thresholding
-delta is summed per site (`threshold_delta`: what it adds to the records' delta).
+over the records of its membership and is replayed and checked like a dp-sgd line, and so is a
+"count-gaussian" line (a run's noisy record count). Delta composes per record: a record's epsilon
+is recomputed at target_delta minus the thresholding deltas of the releases it was counted in, and
+a record whose thresholding deltas reach target_delta is a failure (`delta-exceeded`).
+Every run is checked against its grant (`check_runs`): its rounds, the mechanism of each round,
+the spend of all its mechanisms together, the grant's rate and steps against the run's noisy
+count, and the target delta against the records counted (`mechanism-mismatch`); a recorded
+epsilon far above the recomputed one is a failure too (`epsilon-mismatch`: the line's mechanism
+was changed after it was checked).
 
 For each site ledger the audit
 - verifies the file (format, fields, hash chain) and every membership file it cites (each must
@@ -30,15 +37,18 @@ accountant fails). One broken ledger is an error for its site only; the others a
 
 from __future__ import annotations
 
+import math
 import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .accounting import ACCOUNTANTS
-from .individual import max_signature_epsilon
-from .ledger import EVENT_KINDS, LedgerError, PrivacyLedger, build_histories, load_federation_state
+from .accounting import ACCOUNTANTS, compute_epsilon
+from .individual import conversion_delta, max_signature_epsilon
+from .site_budget import run_spend
+from .ledger import (EVENT_KINDS, LedgerError, PrivacyLedger, build_histories, load_federation_state, record_event,
+                     record_extra_delta)
 
 DEFAULT_ACCOUNTANTS = ("prv", "rdp", "pld")
 TIGHT = ("prv", "pld")
@@ -204,10 +214,13 @@ def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[s
     for site, w in sorted(witnessed.items()):
         count, head = int(w["records"]), str(w["head"])
         if not any(len(chain) >= count and chain[count - 1] == head for chain in chains.values()):
+            hint = "" if only or site in chains else (
+                f"; if you meant to audit only {', '.join(sorted(chains)) or 'some sites'}, say so with "
+                + " ".join(f"--site {name}" for name in sorted(chains)))
             findings.append(Finding("failure", "witness-missing", site,
                                     f"no audited ledger holds the head the server witnessed for {site} "
                                     f"({count} lines, hash {head[:16]}.., run {w.get('run_id')}): its ledger is "
-                                    f"missing, was rolled back to an older copy, or was rewritten"))
+                                    f"missing, was rolled back to an older copy, or was rewritten{hint}"))
     return findings
 
 
@@ -230,19 +243,31 @@ def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance
     out.grants = [RunGrant(r["run_id"], r["requested_epsilon"], r["granted_epsilon"], r["noise_multiplier"],
                            r["spent_before"]) for r in records if r["kind"] == "grant"]
     prefixes: dict[int, list] = {}  # group -> its signature after each event of its history
+    deltas: dict[int, list] = {}    # group -> its thresholding deltas summed after each event
     for k, (n, r, groups) in enumerate(rows):  # the k-th event line is event k of the histories
-        sigs = []
+        by_delta: dict[float, list] = {}
         for g in groups:  # a group made by a later split inherits the history before it
             if g not in prefixes:
                 prefixes[g] = histories.prefix_signatures(g)
-            sigs.append(prefixes[g][bisect_left(histories.history[g], k)])
-        recomputed, err = _try(lambda: max_signature_epsilon(sigs, target_delta=r["target_delta"],
-                                                             accountant=r["accountant"]))
-        vocab = r["kind"] == "vocab-gaussian"
-        out.checks.append(LineCheck(n, r["run_id"], 0 if vocab else r["server_round"], r["accountant"],
+                acc, deltas[g] = 0.0, []
+                for i in histories.history[g]:
+                    acc += histories.extra_delta[i]
+                    deltas[g].append(acc)
+            j = bisect_left(histories.history[g], k)
+            by_delta.setdefault(deltas[g][j], []).append(prefixes[g][j])
+        spent_delta = max(by_delta, default=0.0)
+        if conversion_delta(r["target_delta"], spent_delta) is None:
+            flag("failure", "delta-exceeded", f"line {n}: a record's thresholding deltas sum to {spent_delta:.3g}, "
+                                              f"not below target_delta {r['target_delta']:g}: its total delta "
+                                              f"(accounting + thresholding) passes the budget", n)
+        recomputed, err = _try(lambda: max(
+            (max_signature_epsilon(sigs, target_delta=conversion_delta(r["target_delta"], d) or r["target_delta"],
+                                   accountant=r["accountant"]) for d, sigs in by_delta.items()), default=0.0))
+        kind = r["kind"]
+        out.checks.append(LineCheck(n, r["run_id"], r["server_round"] if kind == "dp-sgd" else 0, r["accountant"],
                                     r["target_epsilon"], r["target_delta"],
-                                    r["records_counted"] if vocab else r["records_trained"], r["records_retired"],
-                                    r["epsilon"], recomputed, r["kind"]))
+                                    r["records_trained"] if kind == "dp-sgd" else r["records_counted"],
+                                    r.get("records_retired", 0), r["epsilon"], recomputed, kind))
         if err:
             flag("failure", "unverifiable", f"line {n}: cannot recompute epsilon with the site's accountant "
                                             f"{r['accountant']!r}: {err}", n)
@@ -250,17 +275,24 @@ def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance
         if r["epsilon"] < recomputed * (1 - record_tolerance) - 1e-12:
             flag("failure", "under-reported", f"line {n}: recorded epsilon {r['epsilon']:.6g} < recomputed "
                                               f"{recomputed:.6g} ({r['accountant']}, delta {r['target_delta']:g})", n)
+        if r["epsilon"] > recomputed * 1.05 + 1e-9:  # honest lines hold what the site checked
+            flag("failure", "epsilon-mismatch", f"line {n}: recorded epsilon {r['epsilon']:.6g} is far above the "
+                                                f"recomputed {recomputed:.6g}: the line's mechanism is not the one "
+                                                f"its epsilon was checked for", n)
         if recomputed > r["target_epsilon"] * (1 + record_tolerance):
             flag("failure", "budget-exceeded", f"line {n}: a record reached epsilon {recomputed:.6g} "
                                                f"({r['accountant']}, delta {r['target_delta']:g}) > target_epsilon "
                                                f"{r['target_epsilon']:g}", n)
+    for severity, message, n in check_runs(records):
+        flag(severity, "mechanism-mismatch", message, n)
     vocab_lines = [r for _, r, _ in rows if r["kind"] == "vocab-gaussian"]
     out.vocab_releases, out.threshold_delta = len(vocab_lines), sum(r["threshold_delta"] for r in vocab_lines)
     if rows:
         latest = rows[-1][1]
         out.rounds = sum(r["kind"] == "dp-sgd" for _, r, _ in rows)
         out.run_ids = list(dict.fromkeys(r["run_id"] for _, r, _ in rows))
-        out.records, out.records_retired = len(histories.group_of), latest["records_retired"]
+        last_round = next((r for _, r, _ in reversed(rows) if r["kind"] == "dp-sgd"), {})
+        out.records, out.records_retired = len(histories.group_of), int(last_round.get("records_retired", 0))
         out.accountant, out.target_epsilon, out.target_delta = (latest["accountant"], latest["target_epsilon"],
                                                                 latest["target_delta"])
         live = histories.live_groups()
@@ -282,6 +314,58 @@ def audit_ledger(site: str, path: Path, *, accountants: Sequence[str], tolerance
                                                         f"line is checked against its own")
     out.status = _worst(f.severity for f in findings)
     return out, findings, [r["hash"] for r in records]
+
+
+def check_runs(records: list[dict[str, Any]]) -> list[tuple[str, str, int | None]]:
+    """(severity, message, line) for every run that did not run what its ledger says it planned: a
+    dp-sgd line of a run without a grant in a ledger that has grants (a warning); a grant whose sample rate, steps or record count do not follow from
+    its run's count line (rate 1 / ceil(round(noisy count) / batch size), that many batches per
+    epoch); a round outside 1..num_rounds or trained twice; a dp-sgd line whose noise multiplier,
+    sample rate or steps differ from the grant's; mechanisms that together spend more than the grant
+    (site_budget.run_spend: a record in all of them, in the grant's accountant's terms); a
+    target-delta at or above 1 / (records counted), which allows publishing a record outright."""
+    out = []
+    grants = {r["run_id"]: (n, r) for n, r in enumerate(records, 1) if r["kind"] == "grant"}
+    for n, r in enumerate(records, 1):
+        # a ledger written by a site since grants exist has one for every run; migrated runs ("(v1)")
+        # and hand-built ledgers without any grant are checked line by line only
+        if r["kind"] == "dp-sgd" and grants and r["run_id"] not in grants and not r["run_id"].endswith("(v1)"):
+            out.append(("warning", f"line {n}: a dp-sgd round of run {r['run_id']} whose run has no grant line "
+                                   f"(a migrated ledger, or a deleted grant)", n))
+        counted = r.get("records_counted") or r.get("records_trained")
+        if r["kind"] in EVENT_KINDS and counted and r["target_delta"] * counted >= 1:
+            out.append(("failure", f"line {n}: target_delta {r['target_delta']:g} is not below 1 / {counted} records: such a "
+                        f"delta allows a mechanism that publishes a record outright", n))
+    for run, (gline, grant) in grants.items():
+        lines = [(n, r) for n, r in enumerate(records, 1) if r["kind"] in EVENT_KINDS and r["run_id"] == run]
+        count = next((r for _, r in lines if r["kind"] == "count-gaussian"), None)
+        per_round = grant["planned_steps"] // max(1, grant["num_rounds"])
+        if count is not None:
+            noisy = max(1, int(round(count["noisy_count"])))
+            batches = math.ceil(noisy / grant["batch_size"])
+            expected = (1.0 / batches, grant["num_rounds"] * grant["local_epochs"] * batches, noisy)
+            if (grant["sample_rate"], grant["planned_steps"], grant["records"]) != expected:
+                out.append(("failure", f"run {run} line {gline}: the grant's sample rate {grant['sample_rate']:.6g}, planned steps "
+                            f"{grant['planned_steps']} and records {grant['records']} do not follow from the run's noisy "
+                            f"count {count['noisy_count']:.2f} (expected {expected})", gline))
+        rounds = [int(r["server_round"]) for _, r in lines if r["kind"] == "dp-sgd"]
+        for n, r in lines:
+            if r["kind"] != "dp-sgd":
+                continue
+            planned = (grant["noise_multiplier"], grant["sample_rate"], per_round)
+            if (r["noise_multiplier"], r["sample_rate"], r["steps"]) != planned:
+                out.append(("failure", f"run {run} line {n}: noise {r['noise_multiplier']:g}, sample rate {r['sample_rate']:.6g}, "
+                            f"{r['steps']} steps differ from the grant's plan {planned}", n))
+            if not 1 <= r["server_round"] <= grant["num_rounds"] or rounds.count(r["server_round"]) > 1:
+                out.append(("failure", f"run {run} line {n}: round {r['server_round']} is outside 1..{grant['num_rounds']} or "
+                            f"was trained twice", n))
+        spent = run_spend([record_event(r) for _, r in lines], accountant=grant["accountant"],
+                          target_epsilon=grant["target_epsilon"], target_delta=grant["target_delta"],
+                          extra_delta=sum(record_extra_delta(r) for _, r in lines))
+        if spent > grant["granted_epsilon"] * (1 + 1e-4):
+            out.append(("failure", f"run {run}: its mechanisms cost epsilon {spent:.6g} ({grant['accountant']}) for a record in "
+                        f"all of them, more than its grant of {grant['granted_epsilon']:.6g}", None))
+    return out
 
 
 def _try(fn) -> tuple[float | None, str | None]:

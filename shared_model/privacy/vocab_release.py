@@ -28,8 +28,11 @@ the differing record holds add `threshold_delta` to delta: if the accountant rep
 for a record's whole history, the record's guarantee is (eps + sum ln(1/(1 - threshold_delta)),
 delta + sum threshold_delta) over the vocabulary releases it was counted in (the ln term, from
 conditioning on no such word being released, is about threshold_delta: 1e-7 for the default).
-The site therefore refuses a threshold_delta above its own target_delta; the ledger line records
-threshold_delta and the audit reports the sum per site.
+Delta therefore composes per record: the accountant converts a record's history at target_delta
+minus the thresholding deltas of the releases it was counted in (individual.conversion_delta), so
+a record's total delta never passes the site's target_delta, and a record with none left is
+retired. A run's releases share the run's allowance with its training: each release is refused
+when the run's spend with it (all of the run's mechanisms composed) would reach the run's caps.
 
 Not protected beyond that: the released words and their noisy counts are public (every site
 receives the vocabulary with the model); the number of records counted is in the ledger only.
@@ -45,9 +48,9 @@ from statistics import NormalDist
 from typing import Any, Sequence
 
 from .accounting import DPSGDEvent, compute_epsilon, gaussian_event
-from .individual import projected_epsilons
+from .individual import conversion_delta, projected_epsilons
 from .ledger import BudgetExhaustedError, LedgerTransaction
-from .site_budget import SiteBudget
+from .site_budget import SiteBudget, run_spend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +133,7 @@ def release_vocabulary(*, tx: LedgerTransaction, record_ids: Sequence[str], capt
     if len(record_ids) != len(captions):
         raise ValueError(f"record_ids and captions must have the same length, got {len(record_ids)} and "
                          f"{len(captions)}")
-    delta, acc, event = budget.target_delta, budget.accountant, release.event()
+    delta, acc, event = budget.target_delta, budget.enforcing, release.event()
     histories = tx.histories()
 
     def refuse(reason: str, spent: float = 0.0) -> BudgetExhaustedError:
@@ -139,17 +142,20 @@ def release_vocabulary(*, tx: LedgerTransaction, record_ids: Sequence[str], capt
         e.ledger_head = tx.head
         return e
 
-    if release.threshold_delta > delta:
-        raise refuse(f"vocab-delta {release.threshold_delta:g} is above the site's target-delta {delta:g}: the "
-                     f"thresholding delta adds to the site's delta")
-    alone = compute_epsilon([event], target_delta=delta, accountant=acc)
+    if release.threshold_delta >= delta:
+        raise refuse(f"vocab-delta {release.threshold_delta:g} is not below the site's target-delta {delta:g}: the "
+                     f"thresholding delta adds to every counted record's delta")
+    # the run's own spend after this release (a record in all of the run's mechanisms so far)
+    run_after = run_spend([*tx.run_events(run_id), event], accountant=acc, target_epsilon=budget.target_epsilon,
+                          target_delta=delta, extra_delta=tx.run_extra_delta(run_id) + release.threshold_delta)
     for cap, name in ((budget.max_run_epsilon, "the site's max-run-epsilon"), (run_epsilon, "the run's run-epsilon")):
-        if cap is not None and alone >= cap:
-            raise refuse(f"the vocabulary release alone costs epsilon {alone:.4g} (vocab-noise-multiplier "
-                         f"{release.noise_multiplier:g}), not below {name} {cap:g}: no allowance would be left "
-                         f"for training")
+        if cap is not None and run_after >= cap:
+            raise refuse(f"run {run_id}'s releases would cost epsilon {run_after:.4g} with this one "
+                         f"(vocab-noise-multiplier {release.noise_multiplier:g}), not below {name} {cap:g}: no "
+                         f"allowance would be left for training")
     by_group = histories.groups_of(record_ids)
-    projected = projected_epsilons(histories, sorted(by_group), event, target_delta=delta, accountant=acc)
+    projected = projected_epsilons(histories, sorted(by_group), event, target_delta=delta, accountant=acc,
+                                   extra_delta=release.threshold_delta)
     active = [g for g, eps in projected.items() if eps <= budget.target_epsilon]
     members = {rid for g in active for rid in by_group[g]}
     if len(members) < budget.min_records:

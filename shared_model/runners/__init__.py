@@ -7,9 +7,9 @@ from shared_model.lazy import lazy_exports
 _MODULES = {  # submodule: its public names
     'centralized': ('LR_SCHEDULES', 'CentralizedConfig', 'resolve_device', 'run_centralized'),
     'cli': ('main',),
-    'flower_runtime': ('ROOT', 'RunFailed', 'alive', 'default_run_config', 'descendants', 'flower_env', 'flwr_run',
-                       'free_port', 'local_superlink_ports', 'pump_output', 'run_status', 'stop_pids',
-                       'stop_superlink', 'superlink_pids', 'toml_value', 'write_run_config'),
+    'flower_runtime': ('ROOT', 'RunFailed', 'alive', 'default_run_config', 'descendants', 'eval_beam_size',
+                       'flower_env', 'flwr_run', 'free_port', 'local_superlink_ports', 'pump_output', 'run_status',
+                       'stop_pids', 'stop_superlink', 'superlink_pids', 'toml_value', 'write_run_config'),
     'pretrain': ('CACHE_FORMAT', 'NO_BUDGET', 'PRETRAIN_DEFAULTS', 'cached_pretrain', 'pretrain_config',
                  'run_pretrain', 'settings_hash'),
     'progress': ('Progress', 'RoundLines', 'duration', 'estimate'),

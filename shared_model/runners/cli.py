@@ -8,17 +8,38 @@ import sys
 import time
 from pathlib import Path
 
+from .flower_runtime import eval_beam_size
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help ("(default: X)"), descriptions and epilogs as written.
+    Options whose default is None or False (absent, off) say what that means in their own words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+BEAM_HELP = "beam width; 1 = greedy decoding. The default is the run config's eval-beam-size, the decoding the " \
+            "server scores every round with, so a checkpoint gets the same score here as in summary.md"
+
 
 def _common(args: argparse.Namespace) -> dict:
     """CentralizedConfig fields shared by `train` and `pretrain`."""
     model = {k: v for k, v in {"decoder": args.decoder, "fusion": args.fusion, "encoder": args.encoder,
-                               "encoder_weights": args.encoder_weights}.items() if v is not None}
-    if args.data is not None and not Path(args.data).expanduser().is_dir():
-        raise FileNotFoundError(f"--data folder not found: {args.data}")
+                               "encoder_weights": args.encoder_weights, "image_size": args.image_size}.items()
+             if v is not None}
+    for folder in args.data or ():
+        if not Path(folder).expanduser().is_dir():
+            raise FileNotFoundError(f"--data folder not found: {folder}")
     return dict(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, batch_size=args.batch_size,
                 lr=args.lr, lr_schedule=args.lr_schedule, precision=args.precision, beam_size=args.beam_size,
                 meteor=not args.no_meteor,
-                seed=args.seed, device=args.device, model=model, data=str(args.data or ""), data_format=args.format,
+                seed=args.seed, device=args.device, model=model,
+                data=[str(Path(f).expanduser().absolute()) for f in args.data or ()], data_format=args.format,
                 vocab_file=str(args.vocab_file or ""), init_from=str(args.init_from or ""))
 
 
@@ -42,7 +63,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from shared_model.evaluation import evaluate
+    from shared_model.evaluation import decoding, evaluate
     from shared_model.model import load_checkpoint
 
     from .centralized import resolve_device
@@ -54,37 +75,51 @@ def _evaluate(args: argparse.Namespace) -> int:
                            limit=args.limit)
     metrics, predictions = evaluate(model, data, vocab, beam_size=args.beam_size, device=device,
                                     meteor=not args.no_meteor)
-    print(f"{args.checkpoint} on {args.data} ({len(data)} images, beam {args.beam_size})")
+    print(f"{args.checkpoint} on {args.data} ({len(data)} images, {decoding(args.beam_size)})")
     for name, value in metrics.items():
         print(f"{name:10} {value:.4f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data),
-                                               "images": len(data), "metrics": metrics,
+                                               "images": len(data), "beam_size": args.beam_size,
+                                               "decoding": decoding(args.beam_size), "metrics": metrics,
                                                "examples": dict(list(predictions.items())[:10])}, indent=2) + "\n")
     return 0
 
 
 def _training_options(p: argparse.ArgumentParser, d) -> None:
     """Options of `train` and `pretrain`, with `d` (a CentralizedConfig) giving the defaults."""
-    p.add_argument("--data", type=Path, help="a dataset folder (docs/data.md) instead of the embedded data")
+    p.add_argument("--data", type=Path, nargs="+", metavar="DIR",
+                   help="dataset folders (docs/data.md), all in --format, trained on as one (each folder's own "
+                        "held-out split goes to the test set), instead of the embedded data")
     p.add_argument("--format", default=d.data_format, choices=("coco", "karpathy", "csv", "jsonl"),
-                   help="format of --data (default %(default)s)")
+                   help="format of --data")
     p.add_argument("--vocab-file", type=Path, help="fedcap-vocab/1 JSON (default: embedded, or built from --data)")
     p.add_argument("--init-from", type=Path, help="a checkpoint to start from (same model and vocabulary)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training records")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="records per step (with --dp: expected "
+                                                                          "Poisson batch)")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule,
+                   help="cosine: decays to 0 over the planned steps")
     p.add_argument("--train-size", type=int, default=d.train_size, help="embedded records (ignored with --data)")
-    p.add_argument("--test-size", type=int, default=d.test_size)
-    p.add_argument("--beam-size", type=int, default=d.beam_size)
-    p.add_argument("--decoder", choices=("lstm", "transformer"))
-    p.add_argument("--fusion", choices=("concat", "add", "attention"))
-    p.add_argument("--encoder", choices=("cnn", "resnet18"))
-    p.add_argument("--encoder-weights", help="local torchvision resnet18 state_dict (resnet18 encoder)")
+    p.add_argument("--test-size", type=int, default=d.test_size, help="at most this many held-out records scored")
+    p.add_argument("--beam-size", type=int, default=d.beam_size, help=BEAM_HELP)
+    from shared_model.model import CaptionerConfig as M
+
+    p.add_argument("--decoder", choices=("lstm", "transformer"), help=f"(default: {M.decoder})")
+    p.add_argument("--fusion", choices=("concat", "add", "attention"), help=f"(default: {M.fusion})")
+    from shared_model.model import ENCODERS
+
+    p.add_argument("--encoder", choices=ENCODERS, help=f"(default: {M.encoder})")
+    p.add_argument("--encoder-weights", help="a local torchvision state_dict file of --encoder (not cnn; nothing is "
+                                             "downloaded)")
+    p.add_argument("--image-size", type=int, help=f"side in pixels the images are resized and cropped to; with "
+                   f"--init-from it must be the checkpoint's (default: {M.image_size})")
     p.add_argument("--no-meteor", action="store_true", default=not d.meteor, help="skip METEOR (Java start-up)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds data and model init (0 when not given); with --dp it also fixes the DP noise, "
+                        "which is then replayable: experiments only (not given: the noise comes from the OS)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=d.precision,
                    help="bf16: autocast (per-sample norms stay float32; not with ghost); auto: bf16 on a GPU")
@@ -109,7 +144,7 @@ def _caption(args: argparse.Namespace) -> int:
 
         data = load_dataset_folder(args.format, args.data, split=args.split, image_size=model.config.image_size)
         if args.gallery:
-            label = f"checkpoint {args.checkpoint.resolve().name}"
+            label = checkpoint_label(args.checkpoint)
             path = write_gallery(model, data, vocab, args.gallery, label=label, size=args.gallery_size,
                                  beam_size=args.beam_size)
             print(f"gallery of {min(args.gallery_size, len(data))} images: {path}", file=sys.stderr)
@@ -118,6 +153,18 @@ def _caption(args: argparse.Namespace) -> int:
                 print(f"{image_id}\t{text}")
     return 0
 
+
+def checkpoint_label(path: Path) -> str:
+    """A checkpoint folder as a short label: run-7/round-0002 (a federated round), pre/checkpoint
+    (a `fedcap train`/`pretrain` run folder's), else its folder name."""
+    path = path.resolve()
+    parent = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{parent.name}/{path.name}" if path.name == "checkpoint" or path.parent.name == "checkpoints" else path.name
+
+
+CHECKPOINT_HELP = ("a checkpoint folder. From a federated run: runs/run-<id>/checkpoints/$(cat "
+                   "runs/run-<id>/checkpoints/BEST), the best round on the server's validation set, to deploy "
+                   "(checkpoints/LATEST names the last trained round: the one to continue training from)")
 
 AUDIT_EXIT_CODES = """exit codes:
   0  every ledger verified; no failure (warnings allowed unless --strict)
@@ -170,7 +217,8 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`fedcap` and its subcommands; every subcommand's --help shows its defaults (HelpFormatter)."""
     from shared_model.privacy.dp import GRAD_SAMPLE_MODES
 
     from .centralized import CentralizedConfig
@@ -180,13 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedcap", description="Federated DP image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="centralized training on the embedded dataset or a data folder")
+    t = sub.add_parser("train", help="centralized training on the embedded dataset or data folders",
+                       formatter_class=HelpFormatter)
     d = CentralizedConfig()  # the one place the centralized defaults live
     t.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus)")
-    t.add_argument("--target-epsilon", type=float, default=d.target_epsilon)
+    t.add_argument("--target-epsilon", type=float, default=d.target_epsilon,
+                   help="with --dp: noise calibrated to reach this over all epochs")
     t.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="instead of --target-epsilon")
-    t.add_argument("--target-delta", type=float, default=d.target_delta)
-    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    t.add_argument("--target-delta", type=float, default=d.target_delta, help="with --dp")
+    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="with --dp: per-example clipping "
+                                                                                 "bound")
     t.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=d.grad_sample_mode,
                    help="with --dp: per-example clipping by Opacus hooks (any decoder) or ghost clipping "
                         "(transformer decoder only; docs/privacy.md)")
@@ -197,22 +248,23 @@ def main(argv: list[str] | None = None) -> int:
                          description=f"Train the captioner without DP on public data: the embedded generator's "
                                      f"public variant (default) or --data DIR. Writes an ordinary checkpoint "
                                      f"(weights, config, vocabulary) to start federations from (init-from). "
-                                     f"{NO_BUDGET}.")
+                                     f"{NO_BUDGET}.", formatter_class=HelpFormatter)
     p = pretrain_config()  # the one place the pretraining defaults live
     pre.add_argument("--source", choices=("public", "embedded"), default=p.source,
-                     help="embedded source when no --data is given (default %(default)s: the public variant)")
+                     help="embedded source when no --data is given (public: the public variant)")
     _training_options(pre, p)
     pre.set_defaults(func=_pretrain)
 
-    e = sub.add_parser("evaluate", help="score a checkpoint on a data folder (BLEU, METEOR, ROUGE-L, CIDEr-D)")
-    e.add_argument("checkpoint", type=Path)
+    e = sub.add_parser("evaluate", help="score a checkpoint on a data folder (BLEU, METEOR, ROUGE-L, CIDEr-D)",
+                       formatter_class=HelpFormatter)
+    e.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     e.add_argument("data", help="a dataset folder, or 'embedded' for the embedded test split")
-    e.add_argument("--format", default="coco", choices=("coco", "karpathy", "csv", "jsonl"))
+    e.add_argument("--format", default="coco", choices=("coco", "karpathy", "csv", "jsonl"), help="data's format")
     e.add_argument("--split", default="test", choices=("train", "val", "test"), help="karpathy split")
     e.add_argument("--limit", type=int, help="score the first N records only")
-    e.add_argument("--beam-size", type=int, default=3)
+    e.add_argument("--beam-size", type=int, default=eval_beam_size(), help=BEAM_HELP)
     e.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the Java start-up)")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     e.set_defaults(func=_evaluate)
 
@@ -222,31 +274,30 @@ def main(argv: list[str] | None = None) -> int:
                                    "images, their reference captions and the checkpoint's captions (the run "
                                    "summary's gallery, for any checkpoint).",
                        epilog="exit codes:\n  0  captions printed or gallery written\n  2  a bad argument, "
-                              "checkpoint, image or folder", formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("checkpoint", type=Path)
-    c.add_argument("images", nargs="*", type=Path)
+                              "checkpoint, image or folder", formatter_class=HelpFormatter)
+    c.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
+    c.add_argument("images", nargs="*", type=Path, help="image files to caption")
     c.add_argument("--data", type=Path, help="a dataset folder (docs/data.md) to caption")
     c.add_argument("--format", default="coco", choices=("coco", "karpathy", "csv", "jsonl"), help="--data's format")
-    c.add_argument("--split", default="test", help="karpathy split of --data (default test)")
+    c.add_argument("--split", default="test", help="karpathy split of --data")
     c.add_argument("--gallery", type=Path, metavar="OUT", help="write OUT/gallery.md with OUT/images/ (needs --data)")
-    c.add_argument("--gallery-size", type=int, default=6, help="images in the gallery (default 6)")
-    c.add_argument("--beam-size", type=int, default=3)
+    c.add_argument("--gallery-size", type=int, default=6, help="images in the gallery")
+    c.add_argument("--beam-size", type=int, default=eval_beam_size(), help=BEAM_HELP)
     c.set_defaults(func=_caption)
 
     a = sub.add_parser("audit", help="recompute and check the privacy budget spent in site ledgers",
                        description="Verify site ledgers (hash chain) and recompute each dataset's spent epsilon\n"
                                    "from its recorded DP-SGD events; recorded epsilons are never trusted.",
-                       epilog=AUDIT_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=AUDIT_EXIT_CODES, formatter_class=HelpFormatter)
     a.add_argument("paths", nargs="+", metavar="PATH",
                    help="a ledger file, a site/state folder holding ledger.jsonl, a run folder (sites/*/ledger.jsonl) "
                         "or a folder of site folders (*/ledger.jsonl); several = a federation")
-    a.add_argument("--accountants", default="prv,rdp,pld", help="comma-separated, among prv, rdp, pld, dp-rdp "
-                                                                 "(default prv,rdp,pld)")
+    a.add_argument("--accountants", default="prv,rdp,pld", help="comma-separated, among prv, rdp, pld, dp-rdp")
     a.add_argument("--json", metavar="FILE", help="write the full result as JSON to FILE, or - for stdout "
                                                   "(the table then goes to stderr)")
     a.add_argument("--report", type=Path, metavar="DIR", help="write DIR/audit.md and DIR/epsilon.png")
     a.add_argument("--tolerance", type=float, default=0.02,
-                   help="relative tolerance between accountants (prv vs pld; rdp below them) (default 0.02)")
+                   help="relative tolerance between accountants (prv vs pld; rdp below them)")
     a.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     a.add_argument("--federation-state", type=Path, metavar="FILE",
                    help="the server's federation-state.json: flag every witnessed site whose ledger is missing or "
@@ -258,18 +309,23 @@ def main(argv: list[str] | None = None) -> int:
 
     add_vocab_parser(sub)
 
-    g = sub.add_parser("ledger", help="site ledger maintenance (migrate a fedcap-ledger/1 ledger)")
+    g = sub.add_parser("ledger", help="site ledger maintenance (migrate a fedcap-ledger/1 ledger)",
+                       formatter_class=HelpFormatter)
     gsub = g.add_subparsers(dest="ledger_command", required=True)
     m = gsub.add_parser("migrate", help="rewrite a fedcap-ledger/1 ledger per record, charging every old event to "
                                         "every current record (conservative)",
-                        epilog="exit codes: 0 migrated; 2 bad arguments, no or tampered ledger, already migrated")
+                        epilog="exit codes: 0 migrated; 2 bad arguments, no or tampered ledger, already migrated",
+                        formatter_class=HelpFormatter)
     m.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state-dir (holds ledger.jsonl)")
     m.add_argument("--data-dir", type=Path, required=True, help="the site's data-dir (its current records)")
-    m.add_argument("--format", default="coco", help="coco | karpathy | csv | jsonl (default coco)")
-    m.add_argument("--image-size", type=int, default=64)
+    m.add_argument("--format", default="coco", help="coco | karpathy | csv | jsonl")
+    m.add_argument("--image-size", type=int, default=64, help="image side the records are decoded at")
     m.set_defaults(func=_migrate)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:

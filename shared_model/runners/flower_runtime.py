@@ -36,6 +36,12 @@ def default_run_config(root: Path = ROOT) -> dict[str, Any]:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
+def eval_beam_size() -> int:
+    """The server's `eval-beam-size`: the decoding every `fedcap` command scores and captions with by
+    default, so one checkpoint has one score (summary.md's, `fedcap evaluate`'s, `fedcap train`'s)."""
+    return int(default_run_config()["eval-beam-size"])
+
+
 def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

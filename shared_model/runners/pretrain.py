@@ -19,11 +19,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from .centralized import CentralizedConfig, run_centralized
+from .centralized import DP_ONLY, CentralizedConfig, run_centralized
 
 NO_BUDGET = "public pretraining: non-private, on public data only; it spends no site privacy budget"
 PRETRAIN_DEFAULTS = dict(source="public", train_size=20_000, epochs=6, batch_size=64, lr=3e-3,
-                         lr_schedule="cosine", beam_size=1, meteor=False, kind="pretrained")
+                         lr_schedule="cosine", meteor=False, kind="pretrained")
 CACHE_FORMAT = "fedcap-pretrain/1"  # bump when the pretraining code changes what a setting produces
 
 
@@ -45,16 +45,14 @@ def run_pretrain(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callable[[
     return result
 
 
-# CentralizedConfig fields that only DP-SGD reads: pretraining is never private
-_DP_ONLY = ("target_epsilon", "noise_multiplier", "target_delta", "max_grad_norm", "accountant",
-            "max_physical_batch_size", "grad_sample_mode")
-
-
 def settings_hash(cfg: CentralizedConfig) -> str:
     """16 hex digits of the SHA-256 of everything that decides the pretrained weights."""
     from shared_model.model import CaptionerConfig
 
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "meteor", *_DP_ONLY)}
+    # pretraining is never private: DP settings decide nothing
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "meteor", *DP_ONLY)}
+    # added after caches existed: no folder or one folder keeps the hash it had as a string
+    settings["data"] = "" if not cfg.data else cfg.data[0] if len(cfg.data) == 1 else cfg.data
     # the model as it will be built, so overrides that restate a default give the same checkpoint
     resolved = CaptionerConfig(vocab_size=5, **cfg.model).to_dict()
     settings["model"] = {k: v for k, v in resolved.items() if k != "vocab_size"}  # the data decides it

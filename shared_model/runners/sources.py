@@ -5,11 +5,14 @@ Sources:
   public    the embedded generator's public variant (shared_model/data/public.py: its own seed
             stream and camera); evaluation on the embedded test split, the data the federation's
             server scores, so a public-only model and a federated one are compared on the same images
-  a folder  `data` in `data_format` (coco | karpathy | csv | jsonl, see docs/data.md). Karpathy uses
-            its own train/test splits; the other formats hold out every record whose id hashes into
-            the first decile (deterministic, at least one record), capped at `test_size`.
-The vocabulary is the embedded one for the embedded sources; for a folder, `vocab_file` when given,
-else built from the folder's training captions (the data owner's own vocabulary).
+  folders   `data`, one or more folders in `data_format` (coco | karpathy | csv | jsonl, see
+            docs/data.md), trained on as one set: each folder is split on its own (karpathy: its own
+            train/test splits; the other formats hold out every record whose image hashes into the
+            first decile, deterministic, at least one record), the training parts joined and the
+            held-out parts joined, then capped at `test_size`. Image ids are prefixed with the
+            folder's position when several folders are given ("1:img.png"), so they never collide.
+The vocabulary is the embedded one for the embedded sources; for folders, `vocab_file` when given,
+else built from their training captions (the data owner's own vocabulary).
 """
 
 from __future__ import annotations
@@ -34,13 +37,28 @@ def load_folder_splits(data: str | Path, data_format: str, *, image_size: int) -
     return hash_split(load_dataset_folder(data_format, root, image_size=image_size))
 
 
-def training_data(*, source: str, data: str, data_format: str, train_size: int, test_size: int, seed: int,
+def join(sets: list[CaptionSet]) -> CaptionSet:
+    """One CaptionSet of several (folders), image ids prefixed with the set's position."""
+    import numpy as np
+
+    if len(sets) == 1:
+        return sets[0]
+    digests = None if any(s.source_digests is None for s in sets) else [d for s in sets for d in s.source_digests]
+    return CaptionSet(images=np.concatenate([s.images for s in sets]),
+                      captions=[c for s in sets for c in s.captions],
+                      image_ids=[f"{k}:{i}" for k, s in enumerate(sets) for i in s.image_ids],
+                      source_digests=digests)
+
+
+def training_data(*, source: str, data: str | list[str], data_format: str, train_size: int, test_size: int, seed: int,
                   image_size: int, vocab_file: str = "") -> tuple[CaptionSet, CaptionSet, Vocabulary]:
     """(train, test, vocabulary) for centralized training or pretraining."""
     from shared_model.data import load_embedded, load_public, synthetic_vocabulary
 
-    if data:
-        train, test = load_folder_splits(data, data_format, image_size=image_size)
+    folders = [f for f in ([data] if isinstance(data, (str, Path)) else data) if str(f)]
+    if folders:
+        splits = [load_folder_splits(folder, data_format, image_size=image_size) for folder in folders]
+        train, test = join([t for t, _ in splits]), join([t for _, t in splits])
         test = test.subset(range(min(test_size, len(test))))
         vocab = (Vocabulary.load(Path(vocab_file).expanduser()) if vocab_file else
                  Vocabulary.build(c for caps in train.captions for c in caps))

@@ -14,14 +14,16 @@ VOCAB_EXIT_CODES = "exit codes: 0 written; 2 a missing or unreadable folder, a b
 
 
 def add_vocab_parser(sub) -> None:
+    from .cli import HelpFormatter
+
     v = sub.add_parser("vocab", help="build a vocabulary file from public caption folders",
-                       description=__doc__.split("\n\n")[0], epilog=VOCAB_EXIT_CODES)
+                       description=__doc__.split("\n\n")[0], epilog=VOCAB_EXIT_CODES, formatter_class=HelpFormatter)
     v.add_argument("data", nargs="+", type=Path, metavar="DIR", help="public data folders (one format)")
-    v.add_argument("--format", default="coco", help="coco | karpathy | csv | jsonl (default coco)")
+    v.add_argument("--format", default="coco", help="coco | karpathy | csv | jsonl")
     v.add_argument("--out", type=Path, required=True, help="the vocabulary file to write (JSON)")
-    v.add_argument("--min-count", type=int, default=1, help="keep words seen at least this often (default 1)")
+    v.add_argument("--min-count", type=int, default=1, help="keep words seen at least this often")
     v.add_argument("--max-size", type=int, help="keep at most this many words, most frequent first")
-    v.add_argument("--coverage", type=Path, action="append", default=[], metavar="DIR",
+    v.add_argument("--coverage", type=Path, action="append", metavar="DIR",
                    help="also print the share of this folder's caption tokens the vocabulary covers")
     v.add_argument("--force", action="store_true", help="overwrite --out")
     v.set_defaults(func=run_vocab)
@@ -47,7 +49,7 @@ def run_vocab(args: argparse.Namespace) -> int:
     vocab.save(args.out)
     print(f"vocabulary: {len(vocab) - 4} words (+4 special tokens) from {len(captions)} captions -> {args.out}")
     print(f"coverage of its own captions: {vocab.coverage(captions):.1%}")
-    for folder in args.coverage:
+    for folder in args.coverage or ():
         print(f"coverage of {folder}: {vocab.coverage(_captions(folder, args.format)):.1%}")
     sys.stdout.flush()
     return 0
