@@ -234,7 +234,8 @@ def _site_sections(strategy) -> list[str]:
     """Each site's budget as it reported it (reply metrics), then every failure of every round."""
     keys = BUDGET_METRICS
     lines = ["", "## Each site's budget, as the site reported it", "",
-             "epsilon: the largest per-record lifetime epsilon after its last round; target-epsilon: its lifetime "
+             "epsilon: a bound on every record's lifetime epsilon (a record in every mechanism of the site's ledger; the "
+             "exact per-record figures stay at the site: fedcap audit); target-epsilon: its lifetime "
              "budget per record; run-epsilon-granted, run-epsilon-spent: this run's allowance and spend "
              "(docs/privacy.md); epsilon-remaining of a site that refused: its target-epsilon less its epsilon; "
              "non-private: a site without a budget (a `dp = false` baseline, no epsilon); a blank cell: the site "
