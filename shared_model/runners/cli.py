@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .centralized import CentralizedConfig
     from .pretrain import NO_BUDGET, pretrain_config
+    from .plan_cmd import add_plan_parser
     from .vocab_cmd import add_vocab_parser
 
     parser = argparse.ArgumentParser(prog="fedcap", description="Federated DP image captioning.")
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_audit)
 
     add_vocab_parser(sub)
+    add_plan_parser(sub)
 
     g = sub.add_parser("ledger", help="site ledger maintenance (migrate a fedcap-ledger/1 ledger)",
                        formatter_class=HelpFormatter)
