@@ -86,11 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-superlink", action="store_true", help="only stop the local SuperLink and exit")
     parser.add_argument("--no-pretrain", action="store_true",
                         help="start from a fresh model instead of the public pretrained checkpoint")
+    parser.add_argument("--plan", action="store_true",
+                        help="only print each simulated site's DP plan and noise-to-signal ratio, then exit")
     args = parser.parse_args(argv)
     flwr_home = ROOT / ".fedcap" / "flwr-home"
     if args.stop_superlink:
         print(f"stopped SuperLink processes: {stop_superlink(flwr_home) or 'none running'}")
         return 0
+    try:
+        _print_plan(args.scenarios)
+        if args.plan:
+            return 0
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"simulation failed: {e}", file=sys.stderr)
+        return 1
     running_before = bool(superlink_pids(flwr_home))
     try:
         overrides, public = _public_start(args)
@@ -110,6 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrun {result['run_id']} {result['status']}; outputs: {result['run_dir']}")
     print(f"summary: {result['run_dir'] / 'summary.md'}")
     return 0
+
+
+def _print_plan(scenarios: list[Path]) -> list[int] | None:
+    """Before anything is spent: each simulated site's DP plan (fedcap plan), from its partition's
+    size; None for a run without DP."""
+    from client.site_data import simulated_site_data
+    from shared_model.runners.plan_cmd import print_plan
+
+    overrides, federation = load_scenario(scenarios)
+    rc = validate_run_config({**default_run_config(), **overrides})
+    if not rc["dp"]:
+        return None
+    n = int(federation["num-supernodes"])
+    sizes = [len(simulated_site_data(rc, partition_id=k, num_partitions=n)[0]) for k in range(n)]
+    print("Each site's DP plan (public quantities only; docs/finetuning.md, 'Before spending'):")
+    dominated = print_plan(rc, sizes)
+    print(flush=True)
+    return dominated
 
 
 def _public_start(args: argparse.Namespace) -> tuple[dict, dict | None]:

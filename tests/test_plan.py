@@ -32,3 +32,11 @@ def test_fedcap_plan_prints_each_site_and_the_levers(capsys):
     out = capsys.readouterr().out
     assert "| 0 | 1170 |" in out and "| 1 | 360 |" in out and "noise dominates" in out
     assert "warning: at sites [1]" in out and "train fewer parameters" in out
+
+
+def test_a_simulation_prints_its_sites_plan_before_spending(capsys):
+    from simulations.run import main as simulate
+
+    assert simulate(["--plan"]) == 0  # the main job's four sites, from their partitions' sizes
+    out = capsys.readouterr().out
+    assert "Each site's DP plan" in out and "| 2 | 439 |" in out and "| 3 | 966 |" in out

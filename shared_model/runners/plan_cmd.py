@@ -23,10 +23,6 @@ def add_plan_parser(sub) -> None:
 
 
 def run_plan_cmd(args: argparse.Namespace) -> int:
-    from shared_model.data import synthetic_vocabulary
-    from shared_model.model import Captioner, captioner_config_from_run_config, set_trainable
-    from shared_model.privacy.plan import LEVERS, NOISE_DOMINATES, site_plan
-    from shared_model.privacy.site_budget import RunRequest, SiteBudget
     from shared_model.run_settings import validate_run_config
 
     from .flower_runtime import default_run_config
@@ -34,29 +30,42 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
     rc = default_run_config()
     if args.run_config is not None:
         rc.update(tomllib.loads(args.run_config.read_text(encoding="utf-8")))
-    rc = validate_run_config(rc)
+    if args.target_epsilon:
+        rc["target-epsilon"] = args.target_epsilon
+    print_plan(validate_run_config(rc), args.records)
+    return 0
+
+
+def print_plan(rc: dict, records: list[int], *, out=print) -> list[int]:
+    """Print each site's plan for the validated run config `rc` and sites of `records` records; the
+    sites whose noise dominates."""
+    from shared_model.data import synthetic_vocabulary
+    from shared_model.model import Captioner, captioner_config_from_run_config, set_trainable
+    from shared_model.privacy.plan import LEVERS, NOISE_DOMINATES, site_plan
+    from shared_model.privacy.site_budget import RunRequest, SiteBudget
+
     model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(synthetic_vocabulary())))
     d = sum(p.numel() for p in set_trainable(model, rc["trainable"]))
-    budget = SiteBudget(target_epsilon=args.target_epsilon or rc["target-epsilon"], target_delta=rc["target-delta"],
+    budget = SiteBudget(target_epsilon=rc["target-epsilon"], target_delta=rc["target-delta"],
                         accountant=rc["accountant"], max_grad_norm=rc["max-grad-norm"])
     request = RunRequest(run_id="plan", run_epsilon=rc["run-epsilon"], num_rounds=rc["num-server-rounds"],
                          local_epochs=rc["local-epochs"], batch_size=rc["batch-size"],
                          count_noise_multiplier=rc["count-noise-multiplier"])
-    print(f"trainable = {rc['trainable']!r}: {d:,} parameters; run-epsilon {rc['run-epsilon']:g} of a lifetime "
-          f"{budget.target_epsilon:g} (delta {budget.target_delta:g}, {budget.enforcing}); "
-          f"{rc['num-server-rounds']} rounds x {rc['local-epochs']} local epochs, batch-size {rc['batch-size']}")
-    print("| site | records | expected batch | steps per round | noise multiplier | noise / signal: step | run |")
-    print("|---|---|---|---|---|---|---|")
+    out(f"trainable = {rc['trainable']!r}: {d:,} parameters; run-epsilon {rc['run-epsilon']:g} of a lifetime "
+        f"{budget.target_epsilon:g} (delta {budget.target_delta:g}, {budget.enforcing}); "
+        f"{rc['num-server-rounds']} rounds x {rc['local-epochs']} local epochs, batch-size {rc['batch-size']}")
+    out("| site | records | expected batch | steps per round | noise multiplier | noise / signal: step | run |")
+    out("|---|---|---|---|---|---|---|")
     dominated = []
-    for k, n in enumerate(args.records):
+    for k, n in enumerate(records):
         plan = site_plan(records=n, request=request, budget=budget, trainable_parameters=d)
         flag = " **noise dominates**" if plan.noise_dominates else ""
-        print(f"| {k} | {n} | {plan.expected_batch:.1f} | {plan.steps_per_round} | {plan.noise_multiplier:.3f} | "
-              f"{plan.noise_to_signal:.2f} | {plan.run_noise_to_signal:.2f}{flag} |")
+        out(f"| {k} | {n} | {plan.expected_batch:.1f} | {plan.steps_per_round} | {plan.noise_multiplier:.3f} | "
+            f"{plan.noise_to_signal:.2f} | {plan.run_noise_to_signal:.2f}{flag} |")
         if plan.noise_dominates:
             dominated.append(k)
     if dominated:
-        print(f"warning: at sites {dominated} the noise added over the run is more than {NOISE_DOMINATES:g}x the "
-              f"best the clipped signal can add up to: their updates will be mostly noise. Levers: "
-              + "; ".join(LEVERS) + ".")
-    return 0
+        out(f"warning: at sites {dominated} the noise added over the run is more than {NOISE_DOMINATES:g}x the "
+            f"best the clipped signal can add up to: their updates will be mostly noise. Levers: "
+            + "; ".join(LEVERS) + ".")
+    return dominated
