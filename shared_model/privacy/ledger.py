@@ -175,10 +175,15 @@ def load_federation_state(path: str | Path) -> dict[str, dict[str, Any]]:
         return {}
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        assert doc["format"] == FEDERATION_STATE_FORMAT and isinstance(doc["sites"], dict)
-        for head in doc["sites"].values():
-            assert isinstance(head["head"], str) and isinstance(head["records"], int)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        if not isinstance(doc, dict) or doc.get("format") != FEDERATION_STATE_FORMAT:
+            raise ValueError(f"format must be {FEDERATION_STATE_FORMAT!r}")
+        if not isinstance(doc.get("sites"), dict):
+            raise ValueError("'sites' must be an object")
+        for site, head in doc["sites"].items():
+            if not (isinstance(head, dict) and isinstance(head.get("head"), str)
+                    and isinstance(head.get("records"), int) and not isinstance(head.get("records"), bool)):
+                raise ValueError(f"site {site!r} needs a str 'head' and an int 'records', got {head!r}")
+    except (OSError, ValueError) as e:
         raise ValueError(f"federation state {path} is not a valid {FEDERATION_STATE_FORMAT} file "
                          f"({type(e).__name__}: {e})") from None
     return doc["sites"]
