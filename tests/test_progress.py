@@ -41,3 +41,23 @@ def test_round_lines_follow_the_server_log():
     assert lines[0] == "INFO :      [ROUND 1/3]" and lines[2].startswith("[fedcap] initial model evaluated [elapsed")
     assert lines[4].startswith("[fedcap] round 1/3 done [elapsed 0 s, about 0 s left]")
     assert lines[6].startswith("[fedcap] round 3/3 done [elapsed 0 s]")
+
+
+def test_an_expected_failure_shows_its_message_not_a_traceback():
+    """Issue 23 (7): every site out of budget ends with a clear message, no Python traceback; an
+    unexpected crash still shows its whole traceback."""
+    import io
+
+    from shared_model.runners.progress import RoundLines
+
+    out = io.StringIO()
+    lines = RoundLines(out, num_rounds=2)
+    lines.write("ERROR :     ServerApp raised an exception\nTraceback (most recent call last):\n"
+                '  File "server_app.py", line 9, in main\n    raise RunFailed(...)\n'
+                "server.server_app.RunFailed: round 1: 0 site(s) trained (site-0 refused: privacy budget "
+                "exhausted)\nnext line\n")
+    lines.write("Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'boom'\n")
+    lines.close()
+    text = out.getvalue()
+    assert "[fedcap] run failed: round 1: 0 site(s) trained (site-0 refused: privacy budget exhausted)" in text
+    assert text.count("Traceback") == 1 and "KeyError: 'boom'" in text and "next line" in text

@@ -180,9 +180,12 @@ class RunFailed(RuntimeError):
 
     def __init__(self, run_id: str, status: str, run_dir: Path | None, log: str) -> None:
         summary = run_dir / "summary.md" if run_dir is not None else None
+        ended = None
+        if summary is not None and summary.is_file():  # the run's own account of how it ended
+            ended = next((line[2:] for line in summary.read_text(encoding="utf-8").splitlines()
+                          if line.startswith("- ended: ")), None)
         super().__init__(f"run {run_id} ended with status {status!r}"
-                         f"{f'; summary: {summary}' if summary is not None and summary.is_file() else ''}"
-                         f"; log tail:\n{log[-3000:]}")
+                         + (f"; {ended}; summary: {summary}" if ended else f"; log tail:\n{log[-3000:]}"))
         self.run_id, self.status, self.run_dir, self.log = run_id, status, run_dir, log
 
 

@@ -97,25 +97,48 @@ def _is_tty(stream: TextIO) -> bool:
 ROUND_DONE = re.compile(r"round (\d+): CIDEr-D")  # the ServerApp's log line after each round's evaluation
 
 
+# the last line of a traceback that ends in FedCap's own, expected, failure (server_app.RunFailed: a run
+# refused or failed for a reason its message and summary.md give)
+EXPECTED_FAILURE = re.compile(r"^(?:\S*\.)?RunFailed: (.*)$")
+
+
 class RoundLines:
     """A text stream that passes a Flower run's log through and, after each finished round (the
     ServerApp's "round k: CIDEr-D .." line), writes "[fedcap] round k/N done [elapsed .., about .. left]".
-    The estimate starts at round 0's evaluation (the start of training)."""
+    The estimate starts at round 0's evaluation (the start of training). A Python traceback that
+    ends in the ServerApp's own RunFailed (an expected failure: every site refused, a bad setting)
+    is shown as its one-line message; any other traceback passes through whole."""
 
     def __init__(self, stream: TextIO, *, num_rounds: int) -> None:
         self.stream, self.num_rounds = stream, int(num_rounds)
         self.t0 = time.perf_counter()
         self.started: float | None = None  # round 0 evaluated: training starts
         self._partial = ""
+        self._traceback: list[str] | None = None  # lines held while a traceback is being written
 
     def write(self, text: str) -> int:
         """Whole lines pass through (a partial one waits for its end), each followed by its round line."""
         *lines, self._partial = (self._partial + text).split("\n")
         for line in lines:
+            if self._traceback is not None or line.startswith("Traceback (most recent call last):"):
+                self._held(line)
+                continue
             self.stream.write(line + "\n")
             if m := ROUND_DONE.search(line):
                 self._round(int(m.group(1)))
         return len(text)
+
+    def _held(self, line: str) -> None:
+        """Hold a traceback until its last line (the first that is not indented), then write it, or
+        only the message of an expected failure."""
+        if self._traceback is None or line.startswith((" ", "\t", "Traceback")) or not line.strip():
+            self._traceback = [*(self._traceback or []), line]
+            return
+        held, self._traceback = self._traceback, None
+        if m := EXPECTED_FAILURE.match(line.strip()):
+            self.stream.write(f"[fedcap] run failed: {m.group(1)}\n")
+        else:
+            self.stream.write("\n".join([*held, line]) + "\n")
 
     def _round(self, k: int) -> None:
         now = time.perf_counter()
@@ -132,7 +155,10 @@ class RoundLines:
         self.stream.flush()
 
     def close(self) -> None:
-        """Write a last partial line, if any."""
+        """Write a last partial line (and a traceback cut short), if any."""
+        if self._traceback:
+            self.stream.write("\n".join(self._traceback) + "\n")
+            self._traceback = None
         if self._partial:
             self.stream.write(self._partial)
             self._partial = ""
