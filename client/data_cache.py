@@ -29,6 +29,8 @@ def folder_key(root: Path, **settings) -> str:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
+            if name == ".fedcap-state":  # the site's binding of this folder (privacy/identity.py), not a record
+                continue
             path = Path(dirpath) / name
             st = path.stat()
             h.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
