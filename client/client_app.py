@@ -62,10 +62,6 @@ def train(msg: Message, context: Context) -> Message:
     model, vocab, device = _model_and_vocab(msg, context)
     budget = site_budget(rc, nc)
     ledger = site_ledger(rc, nc, context.run_id) if budget is not None else None
-    if ledger is not None and "data-dir" in nc:  # one folder of records, one ledger
-        from shared_model.privacy.identity import bind_data_dir
-
-        bind_data_dir(nc["data-dir"], ledger.path.parent)
     ephemeral = ledger_is_ephemeral(rc, nc)
     site = {"name": name, "ledger-ephemeral": ephemeral}
     threads = cap_threads(nc)

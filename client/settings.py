@@ -155,9 +155,15 @@ def run_request(run_config: Mapping[str, Any], train_config: Mapping[str, Any], 
 
 
 def site_ledger(run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int | str) -> PrivacyLedger:
+    """The site's ledger; a deployed site's data-dir is bound to its state dir on the way (one
+    folder of records, one ledger: privacy/identity.py bind_data_dir)."""
     mirror = str(node_config.get("ledger-mirror-dir", ""))
-    return PrivacyLedger(state_dir(run_config, node_config, run_id) / "ledger.jsonl",
-                         mirror_dir=Path(mirror).expanduser().absolute() if mirror else None)
+    folder = state_dir(run_config, node_config, run_id)
+    if is_deployed(node_config):
+        from shared_model.privacy.identity import bind_data_dir
+
+        bind_data_dir(str(node_config["data-dir"]), folder)
+    return PrivacyLedger(folder / "ledger.jsonl", mirror_dir=Path(mirror).expanduser().absolute() if mirror else None)
 
 
 def witnessed_head(train_config: Mapping[str, Any], site: str) -> tuple[str, int] | None:
