@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Sequence
 
-from .accounting import DPSGDEvent, compute_epsilon, gaussian_event
-from .individual import conversion_delta, projected_epsilons
+from .accounting import DPSGDEvent, gaussian_event
+from .individual import projected_epsilons
 from .ledger import BudgetExhaustedError, LedgerTransaction
 from .site_budget import SiteBudget, run_spend
 
