@@ -18,9 +18,6 @@ from typing import Any, Mapping
 
 from shared_model.data import Vocabulary
 
-# CaptionerConfig fields that do not change the weights' shapes or meaning
-_TRAINING_ONLY = ("encoder_weights", "freeze_encoder", "dropout")
-
 
 @dataclass(frozen=True)
 class InitialModel:
@@ -40,6 +37,7 @@ def initial_model(run_config: Mapping[str, Any], vocab: Vocabulary) -> InitialMo
 
     from shared_model.model import (Captioner, captioner_config_from_run_config, check_trainable, checkpoint_sha256,
                                     load_checkpoint)
+    from shared_model.model.config import check_same_model
 
     check_trainable(str(run_config.get("trainable", "all")))
     resume, init = str(run_config.get("resume-from", "")), str(run_config.get("init-from", ""))
@@ -54,11 +52,10 @@ def initial_model(run_config: Mapping[str, Any], vocab: Vocabulary) -> InitialMo
         if vocab_file and saved_vocab != vocab:
             raise ValueError(f"vocab-file {vocab_file} ({len(vocab)} words) differs from the vocabulary of {key} "
                              f"{path} ({len(saved_vocab)} words): drop vocab-file or use the checkpoint's vocab.json")
-        expected = captioner_config_from_run_config(run_config, vocab_size=len(saved_vocab)).to_dict()
-        for field, value in model.config.to_dict().items():
-            if field not in _TRAINING_ONLY and expected[field] != value:
-                raise ValueError(f"{key} checkpoint {path} has model {field}={value!r} but the run config gives "
-                                 f"{expected[field]!r}: set the run config's model keys to the checkpoint's")
+        # one rule for every start from a checkpoint (model.config.check_same_model): training-only fields
+        # aside, except freeze_encoder where it changes a BatchNorm encoder's weights
+        check_same_model(model.config, captioner_config_from_run_config(run_config, vocab_size=len(saved_vocab)),
+                         what=f"{key} checkpoint {path}")
         sha = checkpoint_sha256(Path(path).expanduser()) if init else ""
         return InitialModel(model=model, vocab=saved_vocab, source=key, checkpoint=str(Path(path).expanduser()),
                             sha256=sha)

@@ -52,5 +52,5 @@ def test_the_federation_refuses_an_init_checkpoint_of_another_size(checkpoint_32
 
     rc = {**default_run_config(), "init-from": str(checkpoint_32)}
     assert initial_model({**rc, "image-size": 32}, VOCAB).model.config.image_size == 32
-    with pytest.raises(ValueError, match="image_size=32 but the run config gives 64"):
+    with pytest.raises(ValueError, match="init-from checkpoint .* has model image_size=32 but this run gives 64"):
         initial_model({**rc, "image-size": 64}, VOCAB)
