@@ -41,7 +41,7 @@ def test_the_plan_takes_exactly_its_steps_at_every_batch_count():
                          count_noise_multiplier=20.0)
     off_by_one = 0
     for batches in range(1, 2001):
-        rate, steps, n = run_plan(batches * 7, request)
+        rate, steps, n = run_plan(batches * 7, batch_size=request.batch_size, local_epochs=request.local_epochs)
         assert (rate, steps, n) == (1.0 / batches, 2 * batches, batches * 7)
         assert len(UniformWithReplacementSampler(num_samples=n, sample_rate=rate, steps=steps // 2)) == batches
         off_by_one += int(1 / rate) != batches

@@ -9,11 +9,10 @@ only the server's witness catches that (docs/privacy.md, "Auditing a privacy bud
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .ledger import EVENT_KINDS, record_event, record_extra_delta
-from .site_budget import run_spend
+from .site_budget import run_plan, run_spend
 
 
 def check_runs(records: list[dict[str, Any]]) -> list[tuple[str, str, int | None]]:
@@ -41,9 +40,9 @@ def check_runs(records: list[dict[str, Any]]) -> list[tuple[str, str, int | None
         count = next((r for _, r in lines if r["kind"] == "count-gaussian"), None)
         per_round = grant["planned_steps"] // max(1, grant["num_rounds"])
         if count is not None:
-            noisy = max(1, int(round(count["noisy_count"])))
-            batches = math.ceil(noisy / grant["batch_size"])
-            expected = (1.0 / batches, grant["num_rounds"] * grant["local_epochs"] * batches, noisy)
+            rate, per_round, noisy = run_plan(count["noisy_count"], batch_size=grant["batch_size"],
+                                              local_epochs=grant["local_epochs"])
+            expected = (rate, grant["num_rounds"] * per_round, noisy)
             if (grant["sample_rate"], grant["planned_steps"], grant["records"]) != expected:
                 out.append(("failure", f"run {run} line {gline}: the grant's sample rate {grant['sample_rate']:.6g}, planned steps "
                             f"{grant['planned_steps']} and records {grant['records']} do not follow from the run's noisy "

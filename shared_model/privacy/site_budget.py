@@ -174,13 +174,13 @@ def _spend(events: Sequence[DPSGDEvent], budget: SiteBudget, extra_delta: float)
                      target_delta=budget.target_delta, extra_delta=extra_delta)
 
 
-def run_plan(noisy_count: float, request: RunRequest) -> tuple[float, int, int]:
+def run_plan(noisy_count: float, *, batch_size: int, local_epochs: int) -> tuple[float, int, int]:
     """(sample_rate, steps per round, records the plan assumes) from the noisy count: Opacus's
     convention, rate 1 / ceil(n / batch_size) and that many steps per epoch, for n = the rounded
-    noisy count (at least 1)."""
+    noisy count (at least 1). The audit checks every grant against this rule (run_audit.py)."""
     n = max(1, int(round(noisy_count)))
-    batches = math.ceil(n / request.batch_size)
-    return 1.0 / batches, request.local_epochs * batches, n
+    batches = math.ceil(n / batch_size)
+    return 1.0 / batches, local_epochs * batches, n
 
 
 def make_grant(*, noisy_count: float, prior: Sequence[DPSGDEvent], prior_extra_delta: float, budget: SiteBudget,
@@ -198,7 +198,7 @@ def make_grant(*, noisy_count: float, prior: Sequence[DPSGDEvent], prior_extra_d
     when the noisy count is below min-records or nothing fits."""
     granted = min(request.run_epsilon, budget.target_epsilon,
                   *([budget.max_run_epsilon] if budget.max_run_epsilon is not None else []))
-    q, steps_per_round, n = run_plan(noisy_count, request)
+    q, steps_per_round, n = run_plan(noisy_count, batch_size=request.batch_size, local_epochs=request.local_epochs)
     planned_steps = steps_per_round * request.num_rounds
     acc = budget.enforcing
     delta = conversion_delta(budget.target_delta, prior_extra_delta)
