@@ -62,15 +62,15 @@ def filter_order(target_epsilon: float, target_delta: float) -> float:
     from opacus.accountants.analysis import rdp as analysis
 
     orders = RDPAccountant.DEFAULT_ALPHAS
-    per_step = lambda sigma: analysis.compute_rdp(q=0.05, noise_multiplier=sigma, steps=500, orders=orders)  # noqa: E731
-    lo, hi = 0.3, 100.0
+
+    def spent(sigma: float) -> tuple[float, float]:  # (epsilon, best order) of the reference plan
+        rdp = analysis.compute_rdp(q=0.05, noise_multiplier=sigma, steps=500, orders=orders)
+        return analysis.get_privacy_spent(orders=orders, rdp=np.asarray(rdp), delta=target_delta)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            eps, _ = analysis.get_privacy_spent(orders=orders, rdp=np.asarray(per_step(mid)), delta=target_delta)
-            lo, hi = (lo, mid) if eps <= target_epsilon else (mid, hi)
-        _, order = analysis.get_privacy_spent(orders=orders, rdp=np.asarray(per_step(hi)), delta=target_delta)
+        sigma = smallest_noise(lambda s: spent(s)[0], target_epsilon, what="the reference plan (rate 0.05, 500 steps)")
+        _, order = spent(sigma)
     return float(order)
 
 

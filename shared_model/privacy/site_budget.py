@@ -18,9 +18,9 @@ smaller; no exact count (records trained, retired, held) is ever sent.
 A run spends an allowance: at a run's first round, after the count, the site grants
 min(requested run epsilon, its own max-run-epsilon, its lifetime budget), all public, and calibrates
 the noise multiplier so that everything the run does (its vocabulary releases, its count, then
-rounds x local epochs of Poisson steps) composed for a record that takes part in all of it costs
-at most the grant (`accounting.calibrate_after`); the grant line is written to the ledger and reused
-by every round. The site enforces it itself, whatever the server sends: a round number outside
+rounds x local epochs of Poisson steps) spends at most the grant, in lifetime terms (`run_spend`),
+and a record in every earlier mechanism of the ledger stays within the budget (`make_grant`); the
+grant line is written to the ledger and reused by every round. The site enforces it itself, whatever the server sends: a round number outside
 1..num_rounds or already trained for the run is refused, and before every round the run's spend
 after it is projected and refused if it would pass the grant (a noise multiplier the server sets is
 therefore only taken when the whole run plan fits the grant with it).
@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 from .accounting import (OPACUS_ACCOUNTANTS, DPSGDEvent, calibrate_after, check_accountant, compute_epsilon,
                          conversion_cost, filter_order, gaussian_event, rdp_at, smallest_noise)
+from .dp import poisson_plan
 from .individual import RecordHistories, conversion_delta, projected_epsilons
 from .ledger import BudgetExhaustedError
 
@@ -175,12 +176,12 @@ def _spend(events: Sequence[DPSGDEvent], budget: SiteBudget, extra_delta: float)
 
 
 def run_plan(noisy_count: float, *, batch_size: int, local_epochs: int) -> tuple[float, int, int]:
-    """(sample_rate, steps per round, records the plan assumes) from the noisy count: Opacus's
-    convention, rate 1 / ceil(n / batch_size) and that many steps per epoch, for n = the rounded
-    noisy count (at least 1). The audit checks every grant against this rule (run_audit.py)."""
+    """(sample_rate, steps per round, records the plan assumes) from the noisy count: dp.poisson_plan
+    (Opacus's convention) for n = the rounded noisy count (at least 1). The audit checks every grant
+    against this rule (run_audit.py)."""
     n = max(1, int(round(noisy_count)))
-    batches = math.ceil(n / batch_size)
-    return 1.0 / batches, local_epochs * batches, n
+    rate, steps = poisson_plan(num_records=n, batch_size=batch_size, epochs=local_epochs)
+    return rate, steps, n
 
 
 def make_grant(*, noisy_count: float, prior: Sequence[DPSGDEvent], prior_extra_delta: float, budget: SiteBudget,
