@@ -20,7 +20,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def write_ledger(folder: Path, *, rounds: int, records: int, accountant: str) -> float:
-    from shared_model.privacy import DPSGDEvent, PrivacyLedger, projected_epsilons
+    from shared_model.privacy.accounting import DPSGDEvent
+    from shared_model.privacy.individual import projected_epsilons
+    from shared_model.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger(folder / "ledger.jsonl")
     members = [f"record-{i:07d}" for i in range(records)]
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from shared_model.privacy import audit
+    from shared_model.audit.ledger_audit import audit
     from shared_model.privacy.accounting import _epsilon
 
     with tempfile.TemporaryDirectory() as tmp:

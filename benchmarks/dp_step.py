@@ -56,8 +56,11 @@ def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int,
         torch.set_num_threads(threads)
     from torch.utils.data import DataLoader, TensorDataset
 
-    from shared_model.model import Captioner, CaptionerConfig, pad_batch, set_trainable, train_epoch
-    from shared_model.privacy import make_private
+    from shared_model.model.captioner import Captioner
+    from shared_model.model.config import CaptionerConfig
+    from shared_model.model.trainable import set_trainable
+    from shared_model.model.training import pad_batch, train_epoch
+    from shared_model.privacy.dp import make_private
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device(device_name)

@@ -15,8 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from client.settings import local_training  # noqa: E402
 from client.trainer import train_round  # noqa: E402
-from shared_model.data import load_embedded, synthetic_vocabulary  # noqa: E402
-from shared_model.model import Captioner, CaptionerConfig  # noqa: E402
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.config import CaptionerConfig
 from shared_model.privacy.ledger import PrivacyLedger  # noqa: E402
 from shared_model.privacy.site_budget import RunRequest, SiteBudget  # noqa: E402
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from shared_model.data import generate_scenes
+from shared_model.data.synthetic import generate_scenes
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ METRICS = ("CIDEr-D", "BLEU-4", "ROUGE-L", "METEOR")
 
 
 def score(model, test, vocab, device, meteor):
-    from shared_model.evaluation import evaluate
+    from shared_model.evaluation.evaluator import evaluate
 
     metrics, _ = evaluate(model.to(device), test, vocab, device=device, meteor=meteor)
     return {k: metrics[k] for k in METRICS if k in metrics}
@@ -57,9 +57,10 @@ def centralized(init, data, test, vocab, *, epochs, lr, eps, device, seed, meteo
     """Centralized training through run_centralized's pieces (same loop, same DP front door)."""
     from torch.utils.data import DataLoader
 
-    from shared_model.data import CaptionDataset
-    from shared_model.model import train_epoch
-    from shared_model.privacy import plan_dp_sgd, private_training, unwrap
+    from shared_model.data.datasets import CaptionDataset
+    from shared_model.model.training import train_epoch
+    from shared_model.model.captioner import unwrap
+    from shared_model.privacy.dp import plan_dp_sgd, private_training
 
     torch.manual_seed(seed)
     model = init().to(device)
@@ -78,8 +79,10 @@ def centralized(init, data, test, vocab, *, epochs, lr, eps, device, seed, meteo
 
 def federated(init, sites, test, vocab, *, rounds, local_epochs, lr, eps, device, seed, meteor, state):
     from client.trainer import LocalTraining, train_round
-    from shared_model.model import Captioner, model_state
-    from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
+    from shared_model.model.captioner import Captioner
+    from shared_model.model.checkpoint import model_state
+    from shared_model.privacy.ledger import PrivacyLedger
+    from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
     model = init().to(device)
     training = LocalTraining(local_epochs=local_epochs, batch_size=BATCH, lr=lr, max_physical_batch_size=256)
@@ -104,7 +107,8 @@ def federated(init, sites, test, vocab, *, rounds, local_epochs, lr, eps, device
 
 
 def site_splits(train, *, partitioner, seed, num_sites=4):
-    from shared_model.data import apply_feature_skew, partition_caption_set, site_feature_skews
+    from shared_model.data.partition import partition_caption_set
+    from shared_model.data.skew import apply_feature_skew, site_feature_skews
 
     sites = partition_caption_set(train, num_sites, method=partitioner, alpha=1.0, seed=seed)
     for k, (site, profile) in enumerate(zip(sites, site_feature_skews(num_sites, seed=seed))):
@@ -114,10 +118,13 @@ def site_splits(train, *, partitioner, seed, num_sites=4):
 
 
 def main(argv=None) -> int:
-    from shared_model.data import load_embedded, synthetic_vocabulary
-    from shared_model.evaluation import caption_metrics, trivial_baseline_predictions
-    from shared_model.model import Captioner, CaptionerConfig, load_checkpoint
-    from shared_model.runners import pretrain_config, resolve_device, run_pretrain
+    from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+    from shared_model.evaluation.metrics import caption_metrics, trivial_baseline_predictions
+    from shared_model.model.captioner import Captioner
+    from shared_model.model.checkpoint import load_checkpoint
+    from shared_model.model.config import CaptionerConfig
+    from runners.centralized import resolve_device
+    from runners.pretrain import pretrain_config, run_pretrain
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the reduced subset (QUICK sizes)")

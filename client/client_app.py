@@ -19,8 +19,9 @@ log = logging.getLogger("flwr")
 def _model_and_vocab(msg: Message, context: Context):
     import torch
 
-    from shared_model.data import Vocabulary
-    from shared_model.model import Captioner, captioner_config_from_run_config
+    from shared_model.data.vocab import Vocabulary
+    from shared_model.model.captioner import Captioner
+    from shared_model.model.config import captioner_config_from_run_config
 
     config = msg.content["config"]
     vocab = Vocabulary.from_dict({"format": "fedcap-vocab/1", "itos": list(config["vocab"])})
@@ -36,7 +37,7 @@ def _model_and_vocab(msg: Message, context: Context):
 
 def _held_out_metrics(model, vocab, held_out, run_config, device) -> dict:
     """Caption metrics of `model` on the site's held-out split (never trained on), + num-examples."""
-    from shared_model.evaluation import evaluate as evaluate_model
+    from shared_model.evaluation.evaluator import evaluate as evaluate_model
 
     metrics, _ = evaluate_model(model.to(device), held_out, vocab, beam_size=int(run_config["eval-beam-size"]),
                                 device=device, meteor=False)
@@ -50,8 +51,8 @@ def train(msg: Message, context: Context) -> Message:
     from .timing import Phases, cap_threads
 
     phases = Phases()
-    from shared_model.model import model_state
-    from shared_model.privacy import BudgetExhaustedError
+    from shared_model.model.checkpoint import model_state
+    from shared_model.privacy.ledger import BudgetExhaustedError
 
     from .settings import (ledger_is_ephemeral, local_training, mechanism_seed, run_request, shares_held_out_metrics,
                            site_budget, site_data, site_ledger, site_name, witnessed_head)
@@ -124,7 +125,8 @@ def vocab(msg: Message, context: Context) -> Message:
     """The private vocabulary round (message type "query.vocab", before round 1): the site releases
     DP word counts of its own records inside one ledger transaction (shared_model.privacy.vocab_release)."""
     validate_node_config(context.node_config)
-    from shared_model.privacy import BudgetExhaustedError, check_witness, release_vocabulary
+    from shared_model.privacy.ledger import BudgetExhaustedError, check_witness
+    from shared_model.privacy.vocab_release import release_vocabulary
 
     from shared_model.privacy.site_budget import public_epsilon
 

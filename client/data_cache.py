@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from shared_model.data import CaptionSet
+from shared_model.data.records import CaptionSet
 
 log = logging.getLogger(__name__)
 KEEP = 2  # stores kept per site (the most recently used)
@@ -40,7 +40,7 @@ def folder_key(root: Path, **settings) -> str:
 def cached_store(cache_dir: Path, key: str, build: Callable[[Path], CaptionSet]) -> tuple[CaptionSet, bool]:
     """(records, whether they came from an existing store). `build(stem)` writes the store
     `<cache_dir>/records-<key>` and returns it opened (store.build_store or store.write_store)."""
-    from shared_model.data import StoreError, open_store, store_paths
+    from shared_model.data.store import StoreError, open_store, store_paths
 
     stem = Path(cache_dir) / f"records-{key[:32]}"
     npy, meta = store_paths(stem)

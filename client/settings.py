@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.data import CaptionSet
+from shared_model.data.records import CaptionSet
 from shared_model.privacy.dp import resolve_grad_sample_mode
 from shared_model.privacy.ledger import PrivacyLedger
 from shared_model.privacy.site_budget import RunRequest, SiteBudget

@@ -15,11 +15,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.data import CaptionSet
+from shared_model.data.records import CaptionSet
 
 
 def _split_held_out(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
-    from shared_model.data import hash_split
+    from shared_model.data.partition import hash_split
 
     return hash_split(data, what="site")
 
@@ -30,14 +30,15 @@ def _embedded_train(size: int, seed: int, image_size: int) -> CaptionSet:
     serves many sites of one run, and each cut its partition from a fresh copy (0.6 s per message
     at 6,400 records; uint8 images, 79 MB). Deterministic in its arguments; never modified (the
     partitions are copies)."""
-    from shared_model.data import load_embedded
+    from shared_model.data.synthetic import load_embedded
 
     return load_embedded("train", size, seed=seed, image_size=image_size)
 
 
 def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num_partitions: int
                         ) -> tuple[CaptionSet, CaptionSet]:
-    from shared_model.data import apply_feature_skew, partition_caption_set, site_feature_skews
+    from shared_model.data.partition import partition_caption_set
+    from shared_model.data.skew import apply_feature_skew, site_feature_skews
 
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
@@ -68,7 +69,7 @@ def _with_canaries(train: CaptionSet, run_config: Mapping[str, Any], *, partitio
         raise ValueError(f"canary-site must be in [0, {num_partitions}), got {canary_site}")
     if partition_id != canary_site:
         return train
-    from shared_model.evaluation import append_records, included_canaries
+    from shared_model.evaluation.canaries import append_records, included_canaries
 
     canaries = included_canaries(count, seed=int(run_config.get("canary-seed", 0)), image_size=train.images.shape[1])
     return append_records(train, canaries)
@@ -81,7 +82,7 @@ def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int,
     `cache_dir` the records live in a data store there (data_cache.py, shared_model/data/store.py):
     decoded once by `decode-workers` processes (default: every core), then read from disk row by
     row, so memory does not grow with the number of records. Without it, decoded into memory."""
-    from shared_model.data import load_dataset_folder
+    from shared_model.data.loaders import load_dataset_folder
 
     if "data-dir" not in node_config:
         raise ValueError("node_config has no 'data-dir' (start the SuperNode with --node-config \"data-dir=...\")")
@@ -89,7 +90,8 @@ def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int,
     skip_bad = bool(node_config.get("skip-bad-records", False))
     if cache_dir is None or not root.is_dir():
         return _split_held_out(load_dataset_folder(fmt, root, image_size=image_size, skip_bad=skip_bad))
-    from shared_model.data import STORE_FORMAT, build_store, parse_dataset_folder
+    from shared_model.data.loaders import parse_dataset_folder
+    from shared_model.data.store import STORE_FORMAT, build_store
 
     from .data_cache import cached_store, folder_key
 

@@ -27,9 +27,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from shared_model.data import CaptionDataset, CaptionSet, Vocabulary
-from shared_model.model import Captioner, check_precision, check_trainable, set_trainable, train_epoch
-from shared_model.privacy.dp import check_grad_sample_mode, private_training, unwrap
+from shared_model.data.datasets import CaptionDataset
+from shared_model.data.records import CaptionSet
+from shared_model.data.vocab import Vocabulary
+from shared_model.model.captioner import Captioner, unwrap
+from shared_model.model.precision import check_precision
+from shared_model.model.trainable import check_trainable, set_trainable
+from shared_model.model.training import train_epoch
+from shared_model.privacy.dp import check_grad_sample_mode, private_training
 from shared_model.privacy.identity import RecordIdentities, row_aliases
 from shared_model.privacy.ledger import BudgetExhaustedError, PrivacyLedger, check_witness
 from shared_model.privacy.randomness import gaussian, mechanism_randomness

@@ -39,9 +39,9 @@ import tomllib
 from pathlib import Path
 
 from shared_model.run_settings import validate_run_config
-from shared_model.runners.flower_runtime import (ROOT, RunFailed, alive, default_run_config, flower_env, flwr_run,
+from runners.flower_runtime import (ROOT, RunFailed, alive, default_run_config, flower_env, flwr_run,
                                                  free_port, stop_pids)
-from shared_model.runners.progress import RoundLines
+from runners.progress import RoundLines
 
 CONNECTION = "fedcap-deploy"
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a node_config value, a file name and a log label
@@ -308,7 +308,7 @@ def run_overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None, *, after_run=None) -> int:
     """The command line; `after_run(deployment, result)`, if given, is called once the run completed
     and before every process stops (tests look at the live deployment there)."""
-    from shared_model.runners.cli import HelpFormatter
+    from runners.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shared_model.data import CaptionSet
+from shared_model.data.records import CaptionSet
 
 
 def write_coco_folder(data: CaptionSet, folder: str | Path) -> Path:
@@ -40,7 +40,8 @@ def write_coco_folder(data: CaptionSet, folder: str | Path) -> Path:
 
 def export_sites(out: str | Path, num_sites: int, *, train_size: int = 4000, partitioner: str = "dirichlet",
                  alpha: float = 1.0, seed: int = 0, image_size: int = 64) -> list[Path]:
-    from shared_model.data import load_embedded, partition_caption_set
+    from shared_model.data.partition import partition_caption_set
+    from shared_model.data.synthetic import load_embedded
 
     if num_sites < 1:
         raise ValueError(f"--sites must be >= 1, got {num_sites}")

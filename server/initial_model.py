@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.data import Vocabulary
+from shared_model.data.vocab import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,10 @@ def initial_model(run_config: Mapping[str, Any], vocab: Vocabulary) -> InitialMo
     """`vocab` is the server's vocabulary (vocab-file or embedded)."""
     import torch
 
-    from shared_model.model import (Captioner, captioner_config_from_run_config, check_trainable, checkpoint_sha256,
-                                    load_checkpoint)
+    from shared_model.model.captioner import Captioner
+    from shared_model.model.checkpoint import checkpoint_sha256, load_checkpoint
+    from shared_model.model.config import captioner_config_from_run_config
+    from shared_model.model.trainable import check_trainable
     from shared_model.model.config import check_same_model
 
     check_trainable(str(run_config.get("trainable", "all")))

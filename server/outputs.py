@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared_model.model import save_checkpoint
+from shared_model.model.checkpoint import save_checkpoint
 from shared_model.util import atomic_write, json_safe, utc_now
 
 from .selection import SELECTION_METRIC, best_round
@@ -89,7 +89,7 @@ class RunOutputs:
         """summary.md: how the run ended, every round's server-side metrics, the best round (picked
         by `signal`, server/selection.py's selection_signal), federated evaluation, every site's
         failures (errors, refusals, rejected updates) and its budget as it reported it."""
-        from shared_model.evaluation import decoding
+        from shared_model.evaluation.evaluator import decoding
 
         rows = self.rounds()
         metric_keys = ["BLEU-4", "ROUGE-L", "CIDEr-D", "loss"]

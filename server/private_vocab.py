@@ -22,8 +22,8 @@ from typing import Any, Mapping
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared_model.data import Vocabulary
-from shared_model.privacy import merge_releases
+from shared_model.data.vocab import Vocabulary
+from shared_model.privacy.vocab_release import merge_releases
 
 from .strategy import RoundFailed, bind_site, recipients, reply_sender, wait_for_nodes
 from .update_checks import UpdateRejected

@@ -41,7 +41,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, context: Context, rc: dict) -> None:
-    from shared_model.evaluation import Gallery, evaluate
+    from shared_model.evaluation.evaluator import evaluate
+    from shared_model.evaluation.gallery import Gallery
     from shared_model.run_folder import run_dir
     from shared_model.util import utc_now
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.data import CaptionSet, Vocabulary
+from shared_model.data.records import CaptionSet
+from shared_model.data.vocab import Vocabulary
 
 def server_vocabulary(run_config: Mapping[str, Any]) -> Vocabulary:
-    from shared_model.data import synthetic_vocabulary
+    from shared_model.data.synthetic import synthetic_vocabulary
 
     path = str(run_config.get("vocab-file", ""))
     return Vocabulary.load(Path(path).expanduser()) if path else synthetic_vocabulary()
 
 
 def server_eval_set(run_config: Mapping[str, Any], *, image_size: int) -> CaptionSet:
-    from shared_model.data import load_dataset_folder, load_embedded
+    from shared_model.data.loaders import load_dataset_folder
+    from shared_model.data.synthetic import load_embedded
 
     path = str(run_config.get("server-eval-data", ""))
     size = int(run_config["server-eval-size"])

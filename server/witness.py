@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.privacy import FEDERATION_STATE_FORMAT, load_federation_state
+from shared_model.privacy.ledger import FEDERATION_STATE_FORMAT, load_federation_state
 from shared_model.util import utc_now
 
 log = logging.getLogger("flwr")

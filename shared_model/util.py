@@ -1,4 +1,4 @@
-"""Small helpers every output writer shares: JSON-safe values, UTC timestamps, atomic file writes."""
+"""Small helpers every output writer shares: JSON-safe values, UTC timestamps, durations, atomic file writes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,24 @@ def json_safe(value: Any) -> Any:
 def utc_now() -> str:
     """The current time, UTC, ISO 8601 to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min'."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def estimate(elapsed: float, done: float, total: float) -> str:
+    """'elapsed 1 min 02 s, about 30 s left' (no estimate before the first unit is done)."""
+    text = f"elapsed {duration(elapsed)}"
+    if 0 < done < total:
+        text += f", about {duration(elapsed / done * (total - done))} left"
+    return text
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

@@ -3,7 +3,7 @@
 Runs one federated simulation (the real ClientApp and ServerApp through `simulations.run`) in which
 `canary-site` appends to its train split each of M canaries whose fair coin says "in", then scores
 every canary against the final global model, turns the correct membership guesses into an epsilon
-lower bound at 95% confidence (Steinke, Nasr and Jagielski 2023; shared_model/privacy/canary_bound.py) and sets it
+lower bound at 95% confidence (Steinke, Nasr and Jagielski 2023; shared_model/audit/canary_bound.py) and sets it
 beside the theoretical epsilon recomputed from the canary site's ledger. A lower bound above the
 theoretical epsilon is reported as a FAILURE (exit 1). Writes `canary_audit.json` into the run
 folder. `--audit-only RUN_DIR` scores an existing run again without training. See
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared_model.runners.flower_runtime import ROOT, stop_superlink, superlink_pids
+from runners.flower_runtime import ROOT, stop_superlink, superlink_pids
 from simulations.run import run_simulation
 
 # What differs from pyproject's defaults: a small federation (2 sites of ~600 records) and enough
@@ -51,8 +51,8 @@ def theoretical_epsilon(run_dir: Path, run_config: dict[str, Any], num_sites: in
     """The canaries' epsilon, recomputed from the canary site's ledger: the largest per-record
     epsilon among the canary records it holds (the events whose membership contained them)."""
     from client.site_data import simulated_site_data
-    from shared_model.evaluation import included_canaries
-    from shared_model.privacy import PrivacyLedger, build_histories
+    from shared_model.evaluation.canaries import included_canaries
+    from shared_model.privacy.ledger import PrivacyLedger, build_histories
 
     site = int(run_config["canary-site"])
     path = run_dir / "sites" / f"site-{site}" / "ledger.jsonl"
@@ -81,9 +81,9 @@ def audit_run(run_dir: Path) -> dict[str, Any]:
     """Score the canaries of a finished run against its final checkpoint and bound epsilon."""
     import numpy as np
 
-    from shared_model.evaluation import canary_scores, draw_membership, make_canaries
-    from shared_model.model import load_checkpoint
-    from shared_model.privacy import one_run_audit
+    from shared_model.evaluation.canaries import canary_scores, draw_membership, make_canaries
+    from shared_model.model.checkpoint import load_checkpoint
+    from shared_model.audit.canary_bound import one_run_audit
 
     run_config, federation = resolved_run_config(run_dir)
     m, seed = int(run_config["canary-count"]), int(run_config["canary-seed"])

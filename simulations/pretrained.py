@@ -2,7 +2,7 @@
 federation from it (`init-from`), and put the public-only score beside the federated result.
 
 The pretrained model is built from the run config's model keys (so the sites' models fit it) with
-the pretraining defaults of shared_model/runners/pretrain.py; its checkpoint is cached under
+the pretraining defaults of runners/pretrain.py; its checkpoint is cached under
 .fedcap/pretrained/<settings hash>/ and reused while those settings are unchanged. Pretraining
 touches no site's records: it spends no site privacy budget.
 """
@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from shared_model.model import RUN_CONFIG_KEYS
-from shared_model.runners.flower_runtime import ROOT
+from shared_model.model.config import RUN_CONFIG_KEYS
+from runners.flower_runtime import ROOT
 
 CACHE = ROOT / ".fedcap" / "pretrained"
 COMPARED = ("BLEU-4", "ROUGE-L", "CIDEr-D")
@@ -33,7 +33,7 @@ def model_overrides(run_config: Mapping[str, Any]) -> dict[str, Any]:
 def pretrain_for(run_config: Mapping[str, Any], *, cache: Path = CACHE, log: Callable[[str], None] = print,
                  **overrides: Any) -> tuple[Path, dict]:
     """(checkpoint, pretraining result) for the model the run config describes; cached."""
-    from shared_model.runners.pretrain import cached_pretrain, pretrain_config
+    from runners.pretrain import cached_pretrain, pretrain_config
 
     base = {"model": model_overrides(run_config), "seed": int(run_config.get("seed", 0)),
             "test_size": int(run_config.get("server-eval-size", 500))}

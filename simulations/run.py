@@ -24,9 +24,9 @@ import tomllib
 from pathlib import Path
 
 from shared_model.run_settings import validate_run_config
-from shared_model.runners.flower_runtime import (ROOT, RunFailed, default_run_config, flower_env, flwr_run,
+from runners.flower_runtime import (ROOT, RunFailed, default_run_config, flower_env, flwr_run,
                                                  stop_superlink, superlink_pids, toml_value)
-from shared_model.runners.progress import RoundLines
+from runners.progress import RoundLines
 
 PATH_KEYS = ("site-state-dir", "federation-state", "resume-from", "init-from", "vocab-file", "server-eval-data")
 DEFAULT_FEDERATION = {"num-supernodes": 4, "client-resources-num-cpus": 1}
@@ -125,7 +125,7 @@ def _print_plan(scenarios: list[Path]) -> list[int] | None:
     """Before anything is spent: each simulated site's DP plan (fedcap plan), from its partition's
     size; None for a run without DP."""
     from client.site_data import simulated_site_data
-    from shared_model.runners.plan_cmd import print_plan
+    from runners.plan_cmd import print_plan
 
     overrides, federation = load_scenario(scenarios)
     rc = validate_run_config({**default_run_config(), **overrides})

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from shared_model.model import CaptionerConfig
+from shared_model.model.config import CaptionerConfig
 
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
@@ -73,7 +73,8 @@ def record_round(path, event, members, *, run_id="run-1", server_round=1, accoun
                  target_delta=1e-5, retired=0):
     """Append one honest dp-sgd line to the ledger at `path`: `event` sampled from `members` (record
     IDs), with the largest per-record epsilon after it computed as the site computes it."""
-    from shared_model.privacy import PrivacyLedger, projected_epsilons
+    from shared_model.privacy.individual import projected_epsilons
+    from shared_model.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger(path)
     with ledger.transaction() as tx:

@@ -8,12 +8,14 @@ from conftest import rewrite_ledger, tiny_config
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from client.trainer import LocalTraining, train_round
-from shared_model.data import CaptionDataset, load_embedded, synthetic_vocabulary
-from shared_model.model import Captioner, train_epoch
+from shared_model.data.datasets import CaptionDataset
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.training import train_epoch
 from shared_model.privacy.accounting import DPSGDEvent, compute_epsilon, filter_order
 from shared_model.privacy.dp import private_training
 from shared_model.privacy.ledger import PrivacyLedger, build_histories
-from shared_model.privacy.ledger_audit import audit
+from shared_model.audit.ledger_audit import audit
 from shared_model.privacy.site_budget import RunRequest, SiteBudget, run_plan
 
 VOCAB = synthetic_vocabulary()
@@ -153,7 +155,7 @@ def test_a_record_keeps_its_history_through_ordinary_edits(tmp_path):
     one caption: each is the record the ledger knows, not a fresh one. A new image is new."""
     import numpy as np
 
-    from shared_model.data import CaptionSet
+    from shared_model.data.records import CaptionSet
 
     ledger = site_ledger(tmp_path, rounds=1)
     before = _trained_ids(ledger)

@@ -7,8 +7,10 @@ import shutil
 import pytest
 from conftest import record_round, tamper_ledger
 
-from shared_model.privacy import DPSGDEvent, PrivacyLedger, audit, compute_epsilon, find_ledgers, record_hash
-from shared_model.runners import main
+from shared_model.privacy.accounting import DPSGDEvent, compute_epsilon
+from shared_model.privacy.ledger import PrivacyLedger, record_hash
+from shared_model.audit.ledger_audit import audit, find_ledgers
+from runners.cli import main
 
 DELTA = 1e-5
 SITE0_EVENT = DPSGDEvent(sample_rate=0.1, noise_multiplier=1.0, steps=10)   # site-0 (prv): run-1 rounds 1-2, run-2 round 1

@@ -11,9 +11,10 @@ from server.initial_model import initial_model, write_init_record
 from server.outputs import NothingTrained, RunOutputs
 from server.selection import best_round, selection_signal
 from server.strategy import BUDGET_METRICS
-from shared_model.data import synthetic_vocabulary
-from shared_model.model import Captioner, checkpoint_sha256, load_checkpoint, save_checkpoint
-from shared_model.runners import default_run_config
+from shared_model.data.synthetic import synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+from runners.flower_runtime import default_run_config
 
 RC = {**default_run_config(), "image-size": 32, "model-d-model": 32, "model-num-heads": 2, "model-ffn-dim": 32,
       "eval-beam-size": 1}

@@ -10,12 +10,15 @@ import torch
 
 from client.site_data import simulated_site_data
 from conftest import record_round, tiny_config
-from shared_model.data import encode_captions, image_tensor, load_embedded, synthetic_vocabulary
-from shared_model.evaluation import CAPTION_WORDS, canary_scores, draw_membership, included_canaries, make_canaries
-from shared_model.model import Captioner, caption_loss, save_checkpoint
-from shared_model.privacy import (DPSGDEvent, compute_epsilon, correct_guesses, epsilon_lower_bound,
-                                  guess_counts, one_run_audit, p_value)
-from shared_model.runners.flower_runtime import default_run_config
+from shared_model.data.datasets import encode_captions, image_tensor
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.evaluation.canaries import (CAPTION_WORDS, canary_scores, draw_membership, included_canaries,
+    make_canaries)
+from shared_model.model.captioner import Captioner, caption_loss
+from shared_model.model.checkpoint import save_checkpoint
+from shared_model.privacy.accounting import DPSGDEvent, compute_epsilon
+from shared_model.audit.canary_bound import correct_guesses, epsilon_lower_bound, guess_counts, one_run_audit, p_value
+from runners.flower_runtime import default_run_config
 from simulations.canary_audit import audit_run, main
 
 ALPHA = 0.05

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from shared_model.model import load_checkpoint
-from shared_model.runners import CentralizedConfig, run_centralized
+from shared_model.model.checkpoint import load_checkpoint
+from runners.centralized import CentralizedConfig, run_centralized
 
 TINY = dict(image_size=32, cnn_channels=(8, 16), d_model=32, num_heads=2, ffn_dim=32, max_len=16, dropout=0.0)
 
@@ -53,7 +53,7 @@ def test_private_run_reports_epsilon_within_target(tmp_path, mode):
 
 
 def test_fedcap_train_refuses_ghost_for_the_lstm_decoder_before_loading_data(tmp_path, capsys):
-    from shared_model.runners.cli import main
+    from runners.cli import main
 
     assert main(["train", "--dp", "--grad-sample-mode", "ghost", "--decoder", "lstm",
                  "--out", str(tmp_path / "run")]) == 2
@@ -66,10 +66,10 @@ def test_fedcap_train_on_several_folders_writes_the_run_that_happened(tmp_path, 
     folders, the records actually read, no embedded source or size, no DP settings for a
     non-private run; the score is printed with its decoding (the server's eval-beam-size)."""
     from deploy.site_data import write_coco_folder
-    from shared_model.data import load_embedded
-    from shared_model.runners import default_run_config
-    from shared_model.runners.cli import main
-    from shared_model.runners.sources import load_folder_splits
+    from shared_model.data.synthetic import load_embedded
+    from runners.flower_runtime import default_run_config
+    from runners.cli import main
+    from runners.sources import load_folder_splits
 
     a = write_coco_folder(load_embedded("train", 30, image_size=32), tmp_path / "site-a")
     b = write_coco_folder(load_embedded("train", 50, seed=1, image_size=32).subset(range(30, 50)), tmp_path / "site-b")
@@ -103,8 +103,8 @@ def test_every_fedcap_option_with_a_default_shows_it_in_help():
     the server's eval-beam-size (pyproject.toml), so one checkpoint has one score."""
     import argparse
 
-    from shared_model.runners import default_run_config
-    from shared_model.runners.cli import build_parser
+    from runners.flower_runtime import default_run_config
+    from runners.cli import build_parser
 
     def parsers(parser, name="fedcap"):
         yield name, parser

@@ -5,9 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from shared_model.data import generate_scenes, image_tensor, synthetic_vocabulary
-from shared_model.model import Captioner, load_checkpoint, save_checkpoint
-from shared_model.runners import main
+from shared_model.data.datasets import image_tensor
+from shared_model.data.synthetic import generate_scenes, synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.checkpoint import load_checkpoint, save_checkpoint
+from runners.cli import main
 
 from conftest import tiny_config
 

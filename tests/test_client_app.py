@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from client.client_app import app
-from shared_model.runners.flower_runtime import default_run_config
+from runners.flower_runtime import default_run_config
 
 BAD_SITES = [
     ({"site-name": "a", "data-dir": "/d", "target-epsilon": -1.0}, "target-epsilon must be a number > 0, got -1.0"),

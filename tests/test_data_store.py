@@ -12,12 +12,16 @@ from PIL import Image
 
 from client.trainer import LocalTraining, train_round
 from deploy.site_data import write_coco_folder
-from shared_model.data import (CaptionDataError, CaptionDataset, ImageFile, ImageRows, StoreError, build_store,
-                               hash_split, load_dataset_folder, load_embedded, open_store, parse_dataset_folder,
-                               synthetic_vocabulary)
-from shared_model.evaluation import append_records, included_canaries
-from shared_model.model import Captioner
-from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
+from shared_model.data.datasets import CaptionDataset
+from shared_model.data.loaders import CaptionDataError, load_dataset_folder, parse_dataset_folder
+from shared_model.data.partition import hash_split
+from shared_model.data.rows import ImageFile, ImageRows
+from shared_model.data.store import StoreError, build_store, open_store
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.evaluation.canaries import append_records, included_canaries
+from shared_model.model.captioner import Captioner
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.site_budget import RunRequest, SiteBudget
 from shared_model.run_settings import validate_node_config
 
 VOCAB = synthetic_vocabulary()

@@ -15,11 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from deploy.credentials import make_site_key, make_tls
 from deploy.local import LoopbackDeployment, main as deploy_main, run_overrides, site_folders
 from deploy.site_data import export_sites, write_coco_folder
-from shared_model.data import load_dataset, load_embedded, load_public
-from shared_model.runners.flower_runtime import alive, descendants, free_port
+from shared_model.data.loaders import load_dataset
+from shared_model.data.public import load_public
+from shared_model.data.synthetic import load_embedded
+from runners.flower_runtime import alive, descendants, free_port
 from server.strategy import BUDGET_METRICS
-from shared_model.privacy import PrivacyLedger
-from shared_model.runners import main as cli_main
+from shared_model.privacy.ledger import PrivacyLedger
+from runners.cli import main as cli_main
 
 TINY = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "image-size": 32, "model-d-model": 32,
         "model-num-heads": 2, "model-ffn-dim": 32, "model-dropout": 0.0, "server-eval-size": 30,
@@ -88,8 +90,10 @@ def test_site_folders_are_the_given_folders_or_a_folder_of_site_folders(tmp_path
 
 
 def test_init_from_gives_the_run_its_checkpoints_model_and_a_conflicting_flag_is_an_error(tmp_path):
-    from shared_model.data import synthetic_vocabulary
-    from shared_model.model import Captioner, CaptionerConfig, save_checkpoint
+    from shared_model.data.synthetic import synthetic_vocabulary
+    from shared_model.model.captioner import Captioner
+    from shared_model.model.checkpoint import save_checkpoint
+    from shared_model.model.config import CaptionerConfig
 
     vocab = synthetic_vocabulary()
     checkpoint = save_checkpoint(tmp_path / "pre" / "checkpoint", Captioner(CaptionerConfig(

@@ -11,10 +11,13 @@ from conftest import tiny_config
 from opacus.validators import ModuleValidator
 
 from client.trainer import LocalTraining, train_round
-from shared_model.data import load_embedded, synthetic_vocabulary
-from shared_model.model import BATCHNORM_ENCODERS, ENCODERS, Captioner, load_checkpoint, save_checkpoint
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.checkpoint import load_checkpoint, save_checkpoint
+from shared_model.model.config import BATCHNORM_ENCODERS, ENCODERS
 from shared_model.model.encoders import TORCHVISION
-from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
 VOCAB = synthetic_vocabulary()
 SIZE = 64  # vit_b_16: a 4x4 grid of 16-px patches

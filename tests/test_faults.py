@@ -10,9 +10,9 @@ import time
 import pytest
 
 from deploy.local import LoopbackDeployment
-from shared_model.privacy import PrivacyLedger
-from shared_model.runners import main as cli_main
-from shared_model.runners.flower_runtime import RunFailed, alive
+from shared_model.privacy.ledger import PrivacyLedger
+from runners.cli import main as cli_main
+from runners.flower_runtime import RunFailed, alive
 
 from test_deployment import TINY
 

@@ -6,10 +6,10 @@ import shutil
 import pytest
 
 from server.selection import best_round
-from shared_model.model import save_checkpoint
-from shared_model.privacy import PrivacyLedger
-from shared_model.runners import main
-from shared_model.runners.flower_runtime import ROOT, RunFailed, flower_env, flwr_run, superlink_pids
+from shared_model.model.checkpoint import save_checkpoint
+from shared_model.privacy.ledger import PrivacyLedger
+from runners.cli import main
+from runners.flower_runtime import ROOT, RunFailed, flower_env, flwr_run, superlink_pids
 from simulations.run import main as simulation_main
 from simulations.run import run_simulation, stop_superlink
 
@@ -185,8 +185,8 @@ def test_too_few_connected_nodes_fail_the_run_after_node_wait_timeout(tmp_path, 
 
 
 def test_a_corrupt_resume_checkpoint_fails_the_run_naming_the_file(tmp_path, flwr_home, sites2):
-    from shared_model.data import synthetic_vocabulary
-    from shared_model.model import Captioner
+    from shared_model.data.synthetic import synthetic_vocabulary
+    from shared_model.model.captioner import Captioner
 
     from conftest import tiny_config
 
@@ -207,9 +207,10 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_hom
     """Public pretraining -> federated DP fine-tuning of fusion+decoder from it (init-from)."""
     import torch
 
-    from shared_model.evaluation import evaluate
-    from shared_model.model import checkpoint_sha256, load_checkpoint, parameter_group
-    from shared_model.runners import default_run_config
+    from shared_model.evaluation.evaluator import evaluate
+    from shared_model.model.checkpoint import checkpoint_sha256, load_checkpoint
+    from shared_model.model.trainable import parameter_group
+    from runners.flower_runtime import default_run_config
     from simulations.pretrained import pretrain_for
 
     rc = overrides(num_server_rounds=2, trainable="fusion+decoder", target_epsilon=8.0)
@@ -221,7 +222,7 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_hom
     assert json.loads((run_dir / "init_checkpoint.json").read_text()) == {
         "source": "init-from", "checkpoint": str(checkpoint), "init-checkpoint": checkpoint_sha256(checkpoint)}
     pretrained, vocab, _ = load_checkpoint(checkpoint)
-    from shared_model.data import load_embedded
+    from shared_model.data.synthetic import load_embedded
     expected, _ = evaluate(pretrained, load_embedded("test", 30, image_size=32), vocab, meteor=False)
     rows = rounds(run_dir)
     assert rows[0]["CIDEr-D"] == pytest.approx(expected["CIDEr-D"])  # round 0 is the public-only model
@@ -238,8 +239,8 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_hom
 
 
 def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr_home, sites2):
-    from shared_model.data import Vocabulary
-    from shared_model.privacy import audit
+    from shared_model.data.vocab import Vocabulary
+    from shared_model.audit.ledger_audit import audit
 
     result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
                             overrides=overrides(num_server_rounds=1, local_epochs=1, vocab_source="private",

@@ -9,8 +9,9 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared_model.model import Captioner, pad_batch, train_epoch
-from shared_model.privacy import make_private
+from shared_model.model.captioner import Captioner
+from shared_model.model.training import pad_batch, train_epoch
+from shared_model.privacy.dp import make_private
 
 
 def _clipped_sum_step(model, images, captions, *, pad_to=None):

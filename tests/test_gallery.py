@@ -4,9 +4,10 @@ import pytest
 
 from conftest import tiny_config
 from deploy.site_data import write_coco_folder
-from shared_model.data import load_embedded, synthetic_vocabulary
-from shared_model.model import Captioner, save_checkpoint
-from shared_model.runners import main
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.checkpoint import save_checkpoint
+from runners.cli import main
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_caption_prints_a_folders_captions_and_names_a_missing_input(checkpoint_
 
 
 def test_the_run_summarys_gallery_shows_the_first_and_last_round(tmp_path):
-    from shared_model.evaluation import Gallery
+    from shared_model.evaluation.gallery import Gallery
 
     data = load_embedded("test", 3, image_size=32)
     gallery = Gallery(data, tmp_path / "gallery", size=2)
@@ -63,7 +64,7 @@ def test_the_run_summarys_gallery_shows_the_first_and_last_round(tmp_path):
 def test_a_gallery_names_a_run_folders_checkpoint_by_its_run(tmp_path, checkpoint_and_folder):
     """`fedcap train`/`pretrain` write <out>/checkpoint and a federated run checkpoints/round-NNNN: the
     label says which run, not "checkpoint checkpoint"."""
-    from shared_model.runners.cli import checkpoint_label
+    from runners.cli import checkpoint_label
 
     checkpoint, folder = checkpoint_and_folder
     pre = tmp_path / "pre" / "checkpoint"

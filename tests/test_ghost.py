@@ -8,8 +8,11 @@ import torch
 from conftest import random_batch, tiny_config
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared_model.model import Captioner, caption_loss, parameter_group, set_trainable, train_epoch
-from shared_model.privacy import check_grad_sample_mode, make_private, unwrap
+from shared_model.model.captioner import Captioner, caption_loss
+from shared_model.model.trainable import parameter_group, set_trainable
+from shared_model.model.training import train_epoch
+from shared_model.model.captioner import unwrap
+from shared_model.privacy.dp import check_grad_sample_mode, make_private
 
 MODES = ("hooks", "ghost")
 
@@ -171,8 +174,9 @@ def test_bad_grad_sample_mode_names_the_value(bad, error):
 def test_a_site_round_trains_with_ghost_clipping_from_the_run_config(tmp_path, trainable):
     from client.settings import local_training
     from client.trainer import train_round
-    from shared_model.data import load_embedded, synthetic_vocabulary
-    from shared_model.privacy import PrivacyLedger, RunRequest, SiteBudget
+    from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+    from shared_model.privacy.ledger import PrivacyLedger
+    from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
     training = local_training({"local-epochs": 1, "batch-size": 16, "lr": 1e-3, "max-physical-batch-size": 12,
                                "physical-batch-shape": "fixed", "trainable": trainable,

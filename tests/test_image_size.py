@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from shared_model.data import synthetic_vocabulary
-from shared_model.model import Captioner, CaptionerConfig, check_same_model, load_checkpoint, save_checkpoint
-from shared_model.runners import cli
+from shared_model.data.synthetic import synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.checkpoint import load_checkpoint, save_checkpoint
+from shared_model.model.config import CaptionerConfig, check_same_model
+from runners import cli
 
 VOCAB = synthetic_vocabulary()
 SMALL = ["--train-size", "16", "--test-size", "4", "--epochs", "1", "--batch-size", "8", "--no-meteor",
@@ -48,7 +50,7 @@ def test_check_same_model_ignores_training_only_fields():
 
 def test_the_federation_refuses_an_init_checkpoint_of_another_size(checkpoint_32):
     from server.initial_model import initial_model
-    from shared_model.runners import default_run_config
+    from runners.flower_runtime import default_run_config
 
     rc = {**default_run_config(), "init-from": str(checkpoint_32)}
     assert initial_model({**rc, "image-size": 32}, VOCAB).model.config.image_size == 32

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from shared_model.model import LSTM, MultiHeadAttention
+from shared_model.model.layers import LSTM, MultiHeadAttention
 
 
 def test_lstm_equals_torch_lstm():

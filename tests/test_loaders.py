@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared_model.data import (CaptionDataError, load_caption_table, load_coco_captions, load_dataset,
-                                  load_images, load_karpathy)
-from shared_model.data import CaptionSet
+from shared_model.data.loaders import (CaptionDataError, load_caption_table, load_coco_captions, load_dataset,
+    load_images, load_karpathy)
+from shared_model.data.records import CaptionSet
 
 RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
 

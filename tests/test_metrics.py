@@ -12,7 +12,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from shared_model.evaluation import METRIC_NAMES, caption_metrics, trivial_baseline_predictions
+from shared_model.evaluation.metrics import METRIC_NAMES, caption_metrics, trivial_baseline_predictions
 
 REFERENCES = {
     "1": ["A dog runs across the green grass.", "a brown dog running on a lawn", "The dog is running outside."],

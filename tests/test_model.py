@@ -8,9 +8,10 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared_model.data import Vocabulary
-from shared_model.model import DECODERS, FUSIONS, Captioner, caption_loss
-from shared_model.privacy import make_private
+from shared_model.data.vocab import Vocabulary
+from shared_model.model.captioner import Captioner, caption_loss
+from shared_model.model.config import DECODERS, FUSIONS
+from shared_model.privacy.dp import make_private
 
 from conftest import random_batch, tiny_config
 
@@ -102,7 +103,7 @@ def test_beam_size_one_equals_greedy_and_decoding_respects_end_and_max_len(decod
         model.lm_head.bias[Vocabulary.end_id] += 2.0
     images, _ = random_batch(model.config, 6)
     greedy = model.generate(images, beam_size=1)
-    from shared_model.model import beam_search
+    from shared_model.model.decoding import beam_search
 
     torch.testing.assert_close(beam_search(model, images, beam_size=1, max_len=model.config.max_len), greedy)
     for out in (greedy, model.generate(images, beam_size=4), model.generate(images, beam_size=3, max_len=5)):

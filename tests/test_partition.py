@@ -7,9 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from shared_model.data import (dirichlet_label_partition, iid_partition, partition_caption_set,
-                                    quantity_skew_partition)
-from shared_model.data import CaptionSet, generate_scenes, hash_split
+from shared_model.data.partition import (dirichlet_label_partition, iid_partition, partition_caption_set,
+    quantity_skew_partition)
+from shared_model.data.partition import hash_split
+from shared_model.data.records import CaptionSet
+from shared_model.data.synthetic import generate_scenes
 
 LABELS = np.random.default_rng(0).integers(0, 5, 2000)
 

@@ -7,7 +7,7 @@ import pytest
 
 from shared_model.privacy.plan import site_plan
 from shared_model.privacy.site_budget import RunRequest, SiteBudget
-from shared_model.runners.cli import main
+from runners.cli import main
 
 BUDGET = SiteBudget(target_epsilon=8.0, target_delta=1e-5, accountant="rdp")
 REQUEST = RunRequest(run_id="plan", run_epsilon=8.0, num_rounds=3, local_epochs=2, batch_size=128,

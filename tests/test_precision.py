@@ -9,7 +9,8 @@ import test_ghost
 import torch
 from test_ghost import _close, _dp_step, _reference_norms_and_step
 
-from shared_model.model import resolve_precision, train_epoch
+from shared_model.model.precision import resolve_precision
+from shared_model.model.training import train_epoch
 from shared_model.run_settings import validate_run_config
 
 setup = test_ghost.setup  # the same model, batch and clip (half the captions clipped)

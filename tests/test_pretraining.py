@@ -9,11 +9,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from deploy.site_data import write_coco_folder
-from shared_model.data import (CaptionDataset, Vocabulary, generate_scenes, load_embedded, load_public, public_seed,
-                               split_seed, synthetic_vocabulary)
-from shared_model.model import Captioner, checkpoint_sha256, load_checkpoint, parameter_group, set_trainable
-from shared_model.privacy import make_private
-from shared_model.runners import cached_pretrain, cli, pretrain_config, settings_hash
+from shared_model.data.datasets import CaptionDataset
+from shared_model.data.public import load_public, public_seed
+from shared_model.data.synthetic import generate_scenes, load_embedded, split_seed, synthetic_vocabulary
+from shared_model.data.vocab import Vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.model.checkpoint import checkpoint_sha256, load_checkpoint
+from shared_model.model.trainable import parameter_group, set_trainable
+from shared_model.privacy.dp import make_private
+from runners import cli
+from runners.pretrain import cached_pretrain, pretrain_config, settings_hash
 
 from conftest import tiny_config
 
@@ -126,7 +131,7 @@ def test_cli_pretrain_train_and_evaluate_on_folders(tmp_path, capsys):
 ])
 def test_cli_names_the_bad_path(tmp_path, capsys, argv, message):
     ckpt = tmp_path / "ckpt"
-    from shared_model.model import save_checkpoint
+    from shared_model.model.checkpoint import save_checkpoint
     save_checkpoint(ckpt, Captioner(tiny_config(vocab_size=len(synthetic_vocabulary()))), synthetic_vocabulary())
     (tmp_path / "empty").mkdir()
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
@@ -137,8 +142,8 @@ def test_cli_names_the_bad_path(tmp_path, capsys, argv, message):
 
 def test_init_from_with_another_vocabulary_or_model_is_a_clear_error(tmp_path):
     from server.initial_model import initial_model
-    from shared_model.model import save_checkpoint
-    from shared_model.runners import default_run_config
+    from shared_model.model.checkpoint import save_checkpoint
+    from runners.flower_runtime import default_run_config
 
     vocab = synthetic_vocabulary()
     rc = {**default_run_config(), "image-size": 32, "model-d-model": 32, "model-num-heads": 2, "model-ffn-dim": 32}

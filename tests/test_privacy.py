@@ -6,9 +6,10 @@ import os
 import pytest
 from conftest import record_round, tamper_ledger
 
-from shared_model.data import generate_scenes
-from shared_model.privacy import (ACCOUNTANTS, DPSGDEvent, LedgerError, MembershipError, MembershipStore,
-                                  PrivacyLedger, build_histories, compute_epsilon, record_hash)
+from shared_model.data.synthetic import generate_scenes
+from shared_model.privacy.accounting import ACCOUNTANTS, DPSGDEvent, compute_epsilon
+from shared_model.privacy.ledger import LedgerError, PrivacyLedger, build_histories, record_hash
+from shared_model.privacy.membership import MembershipError, MembershipStore
 
 DELTA = 1e-5
 
@@ -146,8 +147,9 @@ def _v1_ledger(path, events):
 
 def test_an_old_ledger_is_refused_then_migrated_conservatively(tmp_path, capsys):
     from deploy.site_data import write_coco_folder
-    from shared_model.data import load_dataset_folder, load_embedded
-    from shared_model.runners import main
+    from shared_model.data.loaders import load_dataset_folder
+    from shared_model.data.synthetic import load_embedded
+    from runners.cli import main
 
     state, events = tmp_path / "state", [EVENT, EVENT]
     _v1_ledger(state / "ledger.jsonl", events)

@@ -2,7 +2,7 @@
 
 import io
 
-from shared_model.runners.progress import Progress, RoundLines, duration, estimate
+from runners.progress import Progress, RoundLines, duration, estimate
 
 
 def test_durations_and_estimates_read_like_a_clock():
@@ -48,7 +48,7 @@ def test_an_expected_failure_shows_its_message_not_a_traceback():
     unexpected crash still shows its whole traceback."""
     import io
 
-    from shared_model.runners.progress import RoundLines
+    from runners.progress import RoundLines
 
     out = io.StringIO()
     lines = RoundLines(out, num_rounds=2)

@@ -4,7 +4,7 @@ value named, node_config is checked the same way, and the simulation runner uses
 import pytest
 
 from shared_model.run_settings import NODE_CONFIG, RUN_CONFIG, validate_node_config, validate_run_config
-from shared_model.runners.flower_runtime import default_run_config
+from runners.flower_runtime import default_run_config
 from simulations.run import load_scenario
 
 # issue 12's bad settings (plus num-server-rounds = 0 and an unknown key): key, value, what the message says

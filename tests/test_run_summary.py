@@ -6,7 +6,7 @@ import math
 
 from server.outputs import NothingTrained, RunOutputs
 from server.strategy import BUDGET_METRICS
-from shared_model.runners import default_run_config
+from runners.flower_runtime import default_run_config
 
 RC = {**default_run_config(), "eval-beam-size": 1}
 

@@ -5,7 +5,8 @@ import pytest
 
 from deploy.site_data import write_coco_folder
 from server.server_data import server_eval_set, server_vocabulary
-from shared_model.data import Vocabulary, load_embedded, synthetic_vocabulary
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.data.vocab import Vocabulary
 
 RC = {"seed": 0, "server-eval-size": 20}
 

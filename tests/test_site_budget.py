@@ -9,10 +9,11 @@ from conftest import tiny_config
 from client.settings import site_budget, witnessed_head
 from shared_model.run_settings import validate_node_config
 from client.trainer import LocalTraining, train_round
-from shared_model.data import load_embedded, synthetic_vocabulary
-from shared_model.model import Captioner
-from shared_model.privacy import (BudgetExhaustedError, LedgerRollbackError, PrivacyLedger, RunRequest, SiteBudget,
-                                  build_histories, ledger_head)
+from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+from shared_model.model.captioner import Captioner
+from shared_model.privacy.ledger import (BudgetExhaustedError, LedgerRollbackError, PrivacyLedger, build_histories,
+    ledger_head)
+from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
 VOCAB = synthetic_vocabulary()
 TRAINING = LocalTraining(local_epochs=1, batch_size=16, lr=1e-3)

@@ -11,9 +11,9 @@ from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Kr
 from server.strategy import FedCapStrategy, NoSiteCanTrain, RoundFailed, build_strategy
 from server.update_checks import TRAIN_METRICS
 from server.witness import FederationState
-from shared_model.model import Captioner
-from shared_model.privacy import load_federation_state
-from shared_model.runners.flower_runtime import default_run_config
+from shared_model.model.captioner import Captioner
+from shared_model.privacy.ledger import load_federation_state
+from runners.flower_runtime import default_run_config
 
 from conftest import tiny_config
 

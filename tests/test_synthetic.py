@@ -5,10 +5,10 @@ import re
 import numpy as np
 import pytest
 
-from shared_model.data import SKEW_KINDS, CaptionSet, apply_feature_skew, site_feature_skews
-from shared_model.data import (COLOURS, SHAPES, SPLITS, generate_scenes, load_embedded,
-                                    synthetic_vocabulary)
-from shared_model.data import tokenize
+from shared_model.data.records import CaptionSet
+from shared_model.data.skew import SKEW_KINDS, apply_feature_skew, site_feature_skews
+from shared_model.data.synthetic import COLOURS, SHAPES, SPLITS, generate_scenes, load_embedded, synthetic_vocabulary
+from shared_model.data.vocab import tokenize
 
 COUNT_WORDS = {"one": 1, "two": 2, "three": 3}
 

@@ -1,6 +1,6 @@
 import pytest
 
-from shared_model.data import Vocabulary, tokenize
+from shared_model.data.vocab import Vocabulary, tokenize
 
 
 def test_build_counts_and_orders_words():
@@ -40,8 +40,9 @@ def test_bad_vocabulary_files_are_refused(tmp_path):
 
 def test_fedcap_vocab_builds_a_file_from_a_coco_folder(tmp_path, capsys):
     from deploy.site_data import write_coco_folder
-    from shared_model.data import Vocabulary, load_embedded
-    from shared_model.runners import main
+    from shared_model.data.synthetic import load_embedded
+    from shared_model.data.vocab import Vocabulary
+    from runners.cli import main
 
     public = write_coco_folder(load_embedded("train", 30, image_size=32), tmp_path / "public")
     other = write_coco_folder(load_embedded("test", 10, image_size=32), tmp_path / "other")

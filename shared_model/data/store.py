@@ -170,7 +170,7 @@ def _decode(parsed: ParsedRecords, paths: list[Path | None], slots: list[int], t
     def progress(final: bool = False) -> None:
         nonlocal last
         if report is not None and (final or time.monotonic() - last >= REPORT_EVERY):
-            from shared_model.runners.progress import estimate
+            from shared_model.util import estimate
 
             elapsed = time.monotonic() - start
             report(f"decoding {parsed.label}: {len(results):,}/{len(slots):,} images at {image_size} px, "

@@ -2,7 +2,7 @@
 
 Canaries are records (an image with one caption) unlike the embedded scenes; each joins one site's
 training data by an independent fair coin (docs/empirical-audit.md). The bound computed from their
-scores lives in privacy/canary_bound.py.
+scores lives in audit/canary_bound.py.
 """
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared_model.data import (SPECIALS, CaptionSet, ImageRows, Vocabulary, check_int, encode_captions, image_tensor,
-                               synthetic_vocabulary)
-from shared_model.model import caption_loss
+from shared_model.data.checks import check_int
+from shared_model.data.datasets import encode_captions, image_tensor
+from shared_model.data.records import CaptionSet
+from shared_model.data.rows import ImageRows
+from shared_model.data.synthetic import synthetic_vocabulary
+from shared_model.data.vocab import SPECIALS, Vocabulary
+from shared_model.model.captioner import caption_loss
 
 CAPTION_WORDS = 8  # random words per canary caption (fits max_len >= 10)
 PATTERN_CELLS = 8  # canary images: an 8 x 8 grid of random colours plus pixel noise

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from shared_model.data import CaptionPairs, image_tensor
+from shared_model.data.datasets import CaptionPairs, image_tensor
 from .metrics import caption_metrics
-from shared_model.data import CaptionSet, Vocabulary
-from shared_model.model import caption_loss
+from shared_model.data.records import CaptionSet
+from shared_model.data.vocab import Vocabulary
+from shared_model.model.captioner import caption_loss
 
 
 def decoding(beam_size: int) -> str:

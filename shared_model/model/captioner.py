@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import CaptionerConfig
 from .encoders import build_encoder
 from .layers import LSTM, MultiHeadAttention, TransformerDecoderLayer, sinusoidal_positions
-from shared_model.data import Vocabulary
+from shared_model.data.vocab import Vocabulary
 
 State = dict[str, Tensor]
 
@@ -171,3 +171,9 @@ class Captioner(nn.Module):
             return [vocab.decode(row) for row in self.generate(images, beam_size=beam_size).tolist()]
         finally:
             self.train(was_training)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain model inside a wrapper such as Opacus's GradSampleModule (whose state_dict keys carry
+    `_module.`)."""
+    return getattr(module, "_module", module)

@@ -18,8 +18,8 @@ from torch import nn
 
 from .config import CaptionerConfig
 from .captioner import Captioner
-from shared_model.data import Vocabulary
-from shared_model.privacy import unwrap
+from shared_model.data.vocab import Vocabulary
+from shared_model.model.captioner import unwrap
 
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 

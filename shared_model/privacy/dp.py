@@ -143,6 +143,8 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
 
     check_dp_args(max_grad_norm=max_grad_norm, target_delta=0.5, noise_multiplier=noise_multiplier,
                   accountant=accountant)
+    from shared_model.model.captioner import unwrap
+
     config = getattr(unwrap(module), "config", None)
     check_grad_sample_mode(grad_sample_mode, decoder=getattr(config, "decoder", None))
     extra = {}
@@ -204,8 +206,3 @@ def private_training(*, module: nn.Module, optimizer: Optimizer, dataset, event:
     if abs(loader.sample_rate - event.sample_rate) > 1e-12:
         raise RuntimeError(f"Opacus sample_rate {loader.sample_rate} != planned {event.sample_rate}")
     return engine, module, optimizer, loader
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain model inside an Opacus GradSampleModule (its state_dict keys carry `_module.`)."""
-    return getattr(module, "_module", module)

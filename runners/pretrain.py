@@ -47,7 +47,7 @@ def run_pretrain(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callable[[
 
 def settings_hash(cfg: CentralizedConfig) -> str:
     """16 hex digits of the SHA-256 of everything that decides the pretrained weights."""
-    from shared_model.model import CaptionerConfig
+    from shared_model.model.config import CaptionerConfig
 
     # pretraining is never private: DP settings decide nothing
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "meteor", *DP_ONLY)}

@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .accounting import ACCOUNTANTS
-from .individual import conversion_delta, max_signature_epsilon
-from .ledger import EVENT_KINDS, LedgerError, PrivacyLedger, build_histories, load_federation_state
-from .run_audit import check_runs
+from shared_model.privacy.accounting import ACCOUNTANTS
+from shared_model.privacy.individual import conversion_delta, max_signature_epsilon
+from shared_model.privacy.ledger import EVENT_KINDS, LedgerError, PrivacyLedger, build_histories, load_federation_state
+from shared_model.audit.run_audit import check_runs
 
 DEFAULT_ACCOUNTANTS = ("prv", "rdp", "pld")
 TIGHT = ("prv", "pld")

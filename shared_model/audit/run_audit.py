@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .ledger import EVENT_KINDS, record_event, record_extra_delta
-from .site_budget import run_plan, run_spend
+from shared_model.privacy.ledger import EVENT_KINDS, record_event, record_extra_delta
+from shared_model.privacy.site_budget import run_plan, run_spend
 
 
 def check_runs(records: list[dict[str, Any]]) -> list[tuple[str, str, int | None]]:

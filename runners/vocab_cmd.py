@@ -30,14 +30,14 @@ def add_vocab_parser(sub) -> None:
 
 
 def _captions(folder: Path, fmt: str) -> list[str]:
-    from shared_model.data import load_dataset_folder
+    from shared_model.data.loaders import load_dataset_folder
 
     data = load_dataset_folder(fmt, folder, image_size=8)  # the loaders' checks; tiny images
     return [c for caps in data.captions for c in caps]
 
 
 def run_vocab(args: argparse.Namespace) -> int:
-    from shared_model.data import Vocabulary
+    from shared_model.data.vocab import Vocabulary
 
     if args.out.exists() and not args.force:
         raise ValueError(f"--out {args.out} exists (use --force to overwrite)")

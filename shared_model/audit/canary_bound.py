@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shared_model.data import check_int
+from shared_model.data.checks import check_int
 
 DEFAULT_GUESS_FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # r / m tried, k+ = k- (one more + when odd)
 

@@ -15,23 +15,7 @@ import sys
 import time
 from typing import TextIO
 
-
-def duration(seconds: float) -> str:
-    """'42 s', '3 min 05 s', '1 h 02 min'."""
-    s = int(round(max(seconds, 0.0)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def estimate(elapsed: float, done: float, total: float) -> str:
-    """'elapsed 1 min 02 s, about 30 s left' (no estimate before the first unit is done)."""
-    text = f"elapsed {duration(elapsed)}"
-    if 0 < done < total:
-        text += f", about {duration(elapsed / done * (total - done))} left"
-    return text
+from shared_model.util import duration, estimate
 
 
 class Progress:

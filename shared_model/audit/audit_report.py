@@ -8,7 +8,7 @@ from typing import Any
 
 from shared_model.util import json_safe
 
-from .ledger_audit import AuditResult
+from shared_model.audit.ledger_audit import AuditResult
 
 FORMAT = "fedcap-audit/2"
 MECHANISM = ("Privacy unit: one record (an image with all its captions) at one site, add/remove neighbours. "

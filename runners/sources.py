@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_model.data import CaptionSet, Vocabulary, hash_split
+from shared_model.data.partition import hash_split
+from shared_model.data.records import CaptionSet
+from shared_model.data.vocab import Vocabulary
 
 SOURCES = ("embedded", "public")
 
 
 def load_folder_splits(data: str | Path, data_format: str, *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
     """(train, test) of a dataset folder."""
-    from shared_model.data import load_dataset_folder
+    from shared_model.data.loaders import load_dataset_folder
 
     root = Path(data).expanduser()
     if not root.is_dir():
@@ -53,7 +55,8 @@ def join(sets: list[CaptionSet]) -> CaptionSet:
 def training_data(*, source: str, data: str | list[str], data_format: str, train_size: int, test_size: int, seed: int,
                   image_size: int, vocab_file: str = "") -> tuple[CaptionSet, CaptionSet, Vocabulary]:
     """(train, test, vocabulary) for centralized training or pretraining."""
-    from shared_model.data import load_embedded, load_public, synthetic_vocabulary
+    from shared_model.data.public import load_public
+    from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 
     folders = [f for f in ([data] if isinstance(data, (str, Path)) else data) if str(f)]
     if folders:
@@ -76,7 +79,8 @@ def evaluation_data(data: str | Path, data_format: str, *, image_size: int, spli
                     limit: int | None = None) -> CaptionSet:
     """Records to score a checkpoint on: a folder (every record; karpathy: `split`), or "embedded"
     for the embedded test split."""
-    from shared_model.data import load_dataset_folder, load_embedded
+    from shared_model.data.loaders import load_dataset_folder
+    from shared_model.data.synthetic import load_embedded
 
     if str(data) == "embedded":
         return load_embedded("test", limit, image_size=image_size)

@@ -63,8 +63,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from shared_model.evaluation import decoding, evaluate
-    from shared_model.model import load_checkpoint
+    from shared_model.evaluation.evaluator import decoding, evaluate
+    from shared_model.model.checkpoint import load_checkpoint
 
     from .centralized import resolve_device
     from .sources import evaluation_data
@@ -105,11 +105,11 @@ def _training_options(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--train-size", type=int, default=d.train_size, help="embedded records (ignored with --data)")
     p.add_argument("--test-size", type=int, default=d.test_size, help="at most this many held-out records scored")
     p.add_argument("--beam-size", type=int, default=d.beam_size, help=BEAM_HELP)
-    from shared_model.model import CaptionerConfig as M
+    from shared_model.model.config import CaptionerConfig as M
 
     p.add_argument("--decoder", choices=("lstm", "transformer"), help=f"(default: {M.decoder})")
     p.add_argument("--fusion", choices=("concat", "add", "attention"), help=f"(default: {M.fusion})")
-    from shared_model.model import ENCODERS
+    from shared_model.model.config import ENCODERS
 
     p.add_argument("--encoder", choices=ENCODERS, help=f"(default: {M.encoder})")
     p.add_argument("--encoder-weights", help="a local torchvision state_dict file of --encoder (not cnn; nothing is "
@@ -127,8 +127,9 @@ def _training_options(p: argparse.ArgumentParser, d) -> None:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from shared_model.data import image_tensor, load_dataset_folder, load_images
-    from shared_model.model import load_checkpoint
+    from shared_model.data.datasets import image_tensor
+    from shared_model.data.loaders import load_dataset_folder, load_images
+    from shared_model.model.checkpoint import load_checkpoint
 
     if not args.images and not args.data:
         raise ValueError("give image files or --data DIR (a dataset folder), got neither")
@@ -140,7 +141,8 @@ def _caption(args: argparse.Namespace) -> int:
         for path, text in zip(args.images, model.caption(image_tensor(images), vocab, beam_size=args.beam_size)):
             print(f"{path}\t{text}")
     if args.data:
-        from shared_model.evaluation import generate_captions, write_gallery
+        from shared_model.evaluation.evaluator import generate_captions
+        from shared_model.evaluation.gallery import write_gallery
 
         data = load_dataset_folder(args.format, args.data, split=args.split, image_size=model.config.image_size)
         if args.gallery:
@@ -180,7 +182,8 @@ AUDIT_EXIT_CODES = """exit codes:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from shared_model.privacy import audit, format_table, to_json, write_report
+    from shared_model.audit.audit_report import format_table, to_json, write_report
+    from shared_model.audit.ledger_audit import audit
 
     from .progress import Progress
 
@@ -207,8 +210,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from shared_model.data import load_dataset_folder
-    from shared_model.privacy import migrate_v1
+    from shared_model.data.loaders import load_dataset_folder
+    from shared_model.audit.migrate import migrate_v1
 
     data = load_dataset_folder(args.format, args.data_dir, image_size=args.image_size)
     path, n = migrate_v1(args.state_dir, data.record_ids())

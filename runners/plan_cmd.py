@@ -39,8 +39,10 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
 def print_plan(rc: dict, records: list[int], *, out=print) -> list[int]:
     """Print each site's plan for the validated run config `rc` and sites of `records` records; the
     sites whose noise dominates."""
-    from shared_model.data import synthetic_vocabulary
-    from shared_model.model import Captioner, captioner_config_from_run_config, set_trainable
+    from shared_model.data.synthetic import synthetic_vocabulary
+    from shared_model.model.captioner import Captioner
+    from shared_model.model.config import captioner_config_from_run_config
+    from shared_model.model.trainable import set_trainable
     from shared_model.privacy.plan import LEVERS, NOISE_DOMINATES, site_plan
     from shared_model.privacy.site_budget import RunRequest, SiteBudget
 

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, compute_epsilon
-from .ledger import GENESIS, LedgerError, PrivacyLedger, record_hash
+from shared_model.privacy.accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, compute_epsilon
+from shared_model.privacy.ledger import GENESIS, LedgerError, PrivacyLedger, record_hash
 
 V1 = "fedcap-ledger/1"
 

@@ -23,11 +23,14 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from shared_model.data import CaptionDataset
-from shared_model.evaluation import caption_metrics, decoding, evaluate, trivial_baseline_predictions
-from shared_model.model import (Captioner, CaptionerConfig, check_same_model, load_checkpoint, save_checkpoint,
-                                train_epoch)
-from shared_model.privacy import unwrap
+from shared_model.data.datasets import CaptionDataset
+from shared_model.evaluation.evaluator import decoding, evaluate
+from shared_model.evaluation.metrics import caption_metrics, trivial_baseline_predictions
+from shared_model.model.captioner import Captioner
+from shared_model.model.checkpoint import load_checkpoint, save_checkpoint
+from shared_model.model.config import CaptionerConfig, check_same_model
+from shared_model.model.training import train_epoch
+from shared_model.model.captioner import unwrap
 
 from .flower_runtime import eval_beam_size
 from .progress import Progress
