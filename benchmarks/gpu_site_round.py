@@ -18,7 +18,7 @@ from client.trainer import train_round  # noqa: E402
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
 from shared_model.model.config import CaptionerConfig
-from shared_model.privacy.ledger import PrivacyLedger  # noqa: E402
+from shared_model.privacy.ledger import PrivacyLedger
 from shared_model.privacy.site_budget import RunRequest, SiteBudget  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE") == "1"

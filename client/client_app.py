@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
 
     phases = Phases()
     from shared_model.model.checkpoint import model_state
-    from shared_model.privacy.ledger import BudgetExhaustedError
+    from shared_model.privacy.site_budget import BudgetExhaustedError
 
     from .settings import (ledger_is_ephemeral, local_training, mechanism_seed, run_request, shares_held_out_metrics,
                            site_budget, site_data, site_ledger, site_name, witnessed_head)
@@ -90,12 +90,12 @@ def train(msg: Message, context: Context) -> Message:
         content = RecordDict({
             "metrics": MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": e.spent,
                                      "delta": e.target_delta, "target-epsilon": e.target_epsilon}),
-            "site": ConfigRecord({**site, "budget-exhausted": str(e), "ledger-head": head, "ledger-records": count}),
+            "site": ConfigRecord({**site, "budget-exhausted": str(e), "ledger-head": head, "ledger-lines": count}),
             **evaluated,
         })
         return Message(content=content, reply_to=msg)
     if budget is not None:
-        site.update({"ledger-head": metrics.pop("ledger-head"), "ledger-records": metrics.pop("ledger-records")})
+        site.update({"ledger-head": metrics.pop("ledger-head"), "ledger-lines": metrics.pop("ledger-lines")})
     phases.mark("train")
     arrays = ArrayRecord(model_state(model))
     phases.mark("reply")
@@ -125,7 +125,8 @@ def vocab(msg: Message, context: Context) -> Message:
     """The private vocabulary round (message type "query.vocab", before round 1): the site releases
     DP word counts of its own records inside one ledger transaction (shared_model.privacy.vocab_release)."""
     validate_node_config(context.node_config)
-    from shared_model.privacy.ledger import BudgetExhaustedError, check_witness
+    from shared_model.privacy.ledger_lines import check_witness
+    from shared_model.privacy.site_budget import BudgetExhaustedError
     from shared_model.privacy.vocab_release import release_vocabulary
 
     from shared_model.privacy.site_budget import public_epsilon
@@ -158,7 +159,7 @@ def vocab(msg: Message, context: Context) -> Message:
             log.warning("%s: %s", name, e)
             head, count = e.ledger_head
             return Message(content=RecordDict({"site": ConfigRecord({**site, "refused": str(e), "ledger-head": head,
-                                                                     "ledger-records": count})}), reply_to=msg)
+                                                                     "ledger-lines": count})}), reply_to=msg)
         head, count = tx.head
         events, extra = tx.all_events()
     words = sorted(released)
@@ -166,4 +167,4 @@ def vocab(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({
         "vocab": ConfigRecord({"words": words, "counts": [float(released[w]) for w in words]}),
         "metrics": MetricRecord({"epsilon": public_epsilon(events, extra, budget), "threshold": line["threshold"]}),
-        "site": ConfigRecord({**site, "ledger-head": head, "ledger-records": count})}), reply_to=msg)
+        "site": ConfigRecord({**site, "ledger-head": head, "ledger-lines": count})}), reply_to=msg)

@@ -36,8 +36,11 @@ from shared_model.model.trainable import check_trainable, set_trainable
 from shared_model.model.training import train_epoch
 from shared_model.privacy.dp import check_grad_sample_mode, private_training
 from shared_model.privacy.identity import RecordIdentities, row_aliases
-from shared_model.privacy.ledger import BudgetExhaustedError, PrivacyLedger, check_witness
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.ledger_lines import check_witness
+from shared_model.privacy.site_budget import BudgetExhaustedError
 from shared_model.privacy.randomness import gaussian, mechanism_randomness
+from shared_model.privacy.reply import TrainMetrics
 from shared_model.privacy.site_budget import (RunRequest, SiteBudget, make_grant, plan_round, public_epsilon,
                                               release_count)
 
@@ -87,7 +90,7 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
                 server_round: int, witness: tuple[str, int] | None = None, device: torch.device | str = "cpu",
                 seed: int | None = None) -> dict[str, Any]:
     """Train `model` in place for one round; returns the reply's metrics (and `ledger-head`,
-    `ledger-records` when private). With `budget`, raises BudgetExhaustedError (nothing trained,
+    `ledger-lines` when private). With `budget`, raises BudgetExhaustedError (nothing trained,
     nothing recorded but the run's count and grant) when the run or this round cannot go ahead, and
     LedgerRollbackError when the ledger lacks the witnessed head. `seed` None (a deployed site):
     the count, the Poisson sampling and the noise come from the OS's entropy; a seed (simulation)
@@ -96,7 +99,7 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     rand = mechanism_randomness(seed=round_seed, device=device)
     if budget is None:
         _train(model, data, vocab, training, event=None, budget=None, device=device, rand=rand)
-        return {"num-examples": len(data), **NON_PRIVATE_METRICS}
+        return TrainMetrics.non_private(len(data)).as_metrics()
     with ledger.transaction() as tx:
         ids, rows = site_records(data, ledger)
         budget.check_delta(len(ids))
@@ -137,17 +140,13 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
         events, extra = tx.all_events()
         head, count_lines = tx.head
     bound = public_epsilon(events, extra, budget)
-    return {"num-examples": int(grant["records"]), "epsilon": bound, "delta": budget.target_delta,
-            "target-epsilon": budget.target_epsilon, "epsilon-remaining": max(0.0, budget.target_epsilon - bound),
-            "run-epsilon-granted": grant["granted_epsilon"], "run-epsilon-spent": plan.run_epsilon_after,
-            "noise-multiplier": plan.event.noise_multiplier, "sample-rate": plan.event.sample_rate,
-            "steps": plan.event.steps, "ledger-head": head, "ledger-records": count_lines}
-
-
-# What a site without a budget reports, so that every reply has the same keys (update_checks.TRAIN_METRICS).
-NON_PRIVATE_METRICS = {"epsilon": float("inf"), "delta": 0.0, "target-epsilon": 0.0, "epsilon-remaining": 0.0,
-                       "run-epsilon-granted": 0.0, "run-epsilon-spent": 0.0, "noise-multiplier": 0.0,
-                       "sample-rate": 0.0, "steps": 0}
+    metrics = TrainMetrics(num_examples=int(grant["records"]), epsilon=bound, delta=budget.target_delta,
+                           target_epsilon=budget.target_epsilon,
+                           epsilon_remaining=max(0.0, budget.target_epsilon - bound),
+                           run_epsilon_granted=grant["granted_epsilon"], run_epsilon_spent=plan.run_epsilon_after,
+                           noise_multiplier=plan.event.noise_multiplier, sample_rate=plan.event.sample_rate,
+                           steps=plan.event.steps)
+    return {**metrics.as_metrics(), "ledger-head": head, "ledger-lines": count_lines}
 
 
 def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining, *, event,

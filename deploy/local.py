@@ -8,7 +8,7 @@
    (deploy.credentials);
 2. site data: the operator's own folders (`--data-dir`, one per site, or one folder of site
    folders; each site is named after its folder and reads it in place), else one COCO captions
-   folder per site cut from the embedded data (deploy.site_data);
+   folder per site cut from the embedded data (deploy.site_folders);
 3. `flower-superlink` with TLS, `--enable-supernode-auth`, a `--database` file and no runtime
    dependency install;
 4. `flwr supernode register` of each site's public key;
@@ -117,7 +117,7 @@ class LoopbackDeployment:
         """Credentials and, for the embedded demo, site data folders (kept when they exist: a site's
         data and ledger persist); the operator's own folders are used where they are."""
         from .credentials import make_site_key, make_tls
-        from .site_data import export_sites
+        from .site_folders import export_sites
 
         if not (self.creds / "server.pem").exists():
             make_tls(self.creds, [self.host])

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.model.checkpoint import save_checkpoint
+from shared_model.privacy.reply import BUDGET_METRICS
 from shared_model.util import atomic_write, json_safe, utc_now
 
 from .selection import SELECTION_METRIC, best_round
-from .strategy import BUDGET_METRICS
 
 
 class RunOutputs:
@@ -260,7 +260,7 @@ def _site_sections(strategy) -> list[str]:
 
 def _as_shown(budget: dict[str, float], *, exhausted: bool) -> dict[str, float | str]:
     """A site's reported budget as the summary shows it. A non-private site (epsilon inf, client/
-    trainer.py's NON_PRIVATE_METRICS) has no budget: "non-private" and "-", never a budget of 0. A
+    privacy/reply.py's TrainMetrics.non_private) has no budget: "non-private" and "-", never a budget of 0. A
     site that refused for budget reports its spend and target but not what is left: derived from them."""
     eps = budget.get("epsilon")
     if isinstance(eps, float) and math.isinf(eps):

@@ -5,7 +5,7 @@ The server sends one "query.vocab" message to every connected site with the rele
 Each site checks its budget and releases, thresholded at the site, the noisy counts of the words of
 its own records (client/client_app.py, shared_model/privacy/vocab_release.py), spending it in its
 ledger as a "vocab-gaussian" line. The ledger head of every reply whose site name binds to its node
-(server.strategy.bind_site), released or refused, is witnessed (server/witness.py). The server only
+(server.nodes.bind_site), released or refused, is witnessed (server/witness.py). The server only
 sums what the sites released (post-processing: no further privacy cost) and builds the vocabulary
 of the run's fresh model from every released word, most counted first. The run fails when fewer
 sites released than `min-train-nodes`, or when no word cleared any site's threshold.
@@ -25,7 +25,8 @@ from flwr.serverapp import Grid
 from shared_model.data.vocab import Vocabulary
 from shared_model.privacy.vocab_release import merge_releases
 
-from .strategy import RoundFailed, bind_site, recipients, reply_sender, wait_for_nodes
+from .nodes import bind_site, recipients, reply_sender, wait_for_nodes
+from .strategy import RoundFailed
 from .update_checks import UpdateRejected
 
 log = logging.getLogger("flwr")

@@ -1,4 +1,4 @@
-"""Strategy construction and FedCap's server-side add-on: a wrapper that checks every site reply
+"""FedCap's server-side add-on: a wrapper around the Flower strategy (server/strategy_factory.py) that checks every site reply
 against the global model (server/update_checks.py), binds each reply to the node that sent it,
 witnesses the ledger head of every bound reply (server/witness.py), sets budget-exhausted sites
 aside, records every site's failures and reported budget, fails a round in which fewer sites
@@ -7,64 +7,22 @@ trained than `min-train-nodes`, and delegates the rest."""
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
-                                     Strategy)
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from shared_model.run_settings import STRATEGIES
+from shared_model.privacy.reply import BUDGET_METRICS, TRAIN_METRICS
 
-from .update_checks import (TRAIN_METRICS, UpdateRejected, capped_weights, check_arrays,
+from .nodes import bind_site, recipients, reply_sender, wait_for_nodes
+from .strategy_factory import build_strategy
+from .update_checks import ( UpdateRejected, capped_weights, check_arrays,
                             check_metrics, norm_violations, update_norm)
 
 log = logging.getLogger("flwr")  # Flower's handler prints it
-# What a site reports about its budget, shown in the summary as the site reported it.
-BUDGET_METRICS = ("epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted",
-                  "run-epsilon-spent")
-
-
-def wait_for_nodes(grid: Grid, needed: int, *, timeout: float) -> int:
-    """Poll until `needed` nodes are connected or `timeout` s passed (Flower's own sampling would
-    wait forever); the number connected."""
-    deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < needed and time.monotonic() < deadline:
-        time.sleep(1.0)
-    return connected
-
-
-def recipients(messages: Iterable[Message]) -> dict[str, int]:
-    """Message id -> the node it went to (ids are set when the Grid pushes the messages)."""
-    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-
-
-def reply_sender(msg: Message, sent_to: Mapping[str, int]) -> int:
-    """The node a reply is from; for an error the SuperLink made on a node's behalf (node
-    unavailable, message expired: its source is the SuperLink), the node the message went to."""
-    if msg.has_error() and msg.metadata.reply_to_message_id in sent_to:
-        return sent_to[msg.metadata.reply_to_message_id]
-    return msg.metadata.src_node_id
-
-
-def bind_site(node_site: dict[int, str], node: int, claimed: str | None) -> str:
-    """The site name of Flower node `node`, bound at its first reply of the run (in `node_site`);
-    UpdateRejected when the node later claims another name, or claims a name another node holds
-    (a node impersonating a site would otherwise overwrite that site's witnessed ledger head)."""
-    bound = node_site.get(node)
-    if bound is not None:
-        if claimed is not None and claimed != bound:
-            raise UpdateRejected("site-name", claimed, f"node {node} is site {bound!r} but claims {claimed!r}")
-        return bound
-    name = claimed or f"node-{node}"
-    owner = next((n for n, s in node_site.items() if s == name), None)
-    if owner is not None:
-        raise UpdateRejected("site-name", claimed, f"node {node} claims site {name!r}, which is node {owner}")
-    node_site[node] = name
-    return name
 
 
 class RoundFailed(RuntimeError):
@@ -73,41 +31,6 @@ class RoundFailed(RuntimeError):
 
 class NoSiteCanTrain(RoundFailed):
     """Every site that answered this round refused to train: their budgets are spent."""
-
-
-def build_strategy(run_config: Mapping[str, Any]) -> Strategy:
-    """The inner Flower strategy named by `strategy` (run config validated by shared_model.run_settings)."""
-    name = str(run_config.get("strategy", "fedavg"))
-    common = dict(fraction_train=float(run_config["fraction-train"]),
-                  fraction_evaluate=float(run_config["fraction-evaluate"]),
-                  min_train_nodes=int(run_config["min-train-nodes"]),
-                  min_evaluate_nodes=int(run_config["min-evaluate-nodes"]),
-                  min_available_nodes=int(run_config["min-available-nodes"]))
-    malicious = int(run_config.get("num-malicious-nodes", 0))
-    if name in ("krum", "multikrum") and common["min_train_nodes"] < 2 * malicious + 3:
-        raise ValueError(f"min-train-nodes must be >= 2 x num-malicious-nodes + 3 = {2 * malicious + 3} for {name}, "
-                         f"got {common['min_train_nodes']}")
-    if name == "bulyan" and common["min_train_nodes"] < 4 * malicious + 3:
-        raise ValueError(f"min-train-nodes must be >= 4 x num-malicious-nodes + 3 = {4 * malicious + 3} for bulyan, "
-                         f"got {common['min_train_nodes']}")
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedprox":
-        return FedProx(**common, proximal_mu=float(run_config["proximal-mu"]))
-    if name == "fedadam":
-        return FedAdam(**common, eta=float(run_config["server-lr"]))
-    if name == "fedmedian":
-        return FedMedian(**common)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=float(run_config.get("trimmed-beta", 0.2)))
-    if name == "krum":
-        return Krum(**common, num_malicious_nodes=malicious)
-    if name == "multikrum":
-        return MultiKrum(**common, num_malicious_nodes=malicious,
-                         num_nodes_to_select=int(run_config.get("multikrum-select", 1)))
-    if name == "bulyan":
-        return Bulyan(**common, num_malicious_nodes=malicious)
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 
 
 class FedCapStrategy(Strategy):

@@ -8,7 +8,7 @@ A reply is refused for that site only (the round goes on with the others) when:
   or above `max-update-norm-ratio` times the round's lower median update norm (relative; 0 = off).
   The lower median is an honest site's norm as long as fewer than half of the replies are
   poisoned; a single reply is its own median and always passes the relative bound;
-- its MetricRecord does not hold exactly TRAIN_METRICS (missing or extra keys), or a value is not
+- its MetricRecord does not hold exactly TRAIN_METRICS (shared_model/privacy/reply.py) (missing or extra keys), or a value is not
   a finite number;
 - `num-examples` is not a positive integer or exceeds `max-num-examples`.
 Then `capped_weights` bounds every site's aggregation weight by `examples-cap-ratio` times the
@@ -23,12 +23,8 @@ from typing import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
-# The metric keys of a train reply (DP or not: a non-private site sends epsilon inf, delta 0, ...).
-# Public values only (docs/privacy.md): num-examples is a DP site's noisy count, epsilon the bound
-# of a record in every event of its ledger; no loss, no exact count. Extend this one tuple when the
-# sites report more.
-TRAIN_METRICS = ("num-examples", "epsilon", "delta", "target-epsilon", "epsilon-remaining", "run-epsilon-granted",
-                 "run-epsilon-spent", "noise-multiplier", "sample-rate", "steps")
+from shared_model.privacy.reply import TRAIN_METRICS
+
 
 
 class UpdateRejected(ValueError):

@@ -4,7 +4,7 @@ Every reply of a site with a budget and a persistent ledger carries its ledger h
 hash, number of lines): a train reply whose update is aggregated, one rejected by an update check,
 a budget refusal, a private-vocabulary reply (released or refused); an error reply carries none.
 The server keeps the latest head of every site from every such reply whose site name is bound to
-the replying node (server.strategy.bind_site: a node claiming another node's site never moves that
+the replying node (server.nodes.bind_site: a node claiming another node's site never moves that
 site's head), whatever became of the reply, so no spent or recorded ledger line escapes the
 witness. A head with fewer lines than the witnessed one, or a malformed one, is ignored with a
 warning. The server sends all heads with the next train and vocabulary messages; a site whose
@@ -12,21 +12,18 @@ ledger does not hold its witnessed head (deleted, restored from an older backup,
 to train. The heads are hashes: they reveal nothing about the records. Simulated sites whose ledger
 lives inside the run folder (`ledger-ephemeral`) are new in every run by design and not witnessed.
 
-File (`fedcap-federation-state/1`, JSON): {"format", "sites": {name: {"head", "records", "run_id",
-"server_round", "time"}}}; written atomically after the vocabulary round and after every training
+The file (shared_model/privacy/federation_state.py, which alone reads and writes it) is written after the vocabulary round and after every training
 round's replies are sorted (before a round that failed stops the run). `fedcap audit
 --federation-state` checks every ledger against it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from shared_model.privacy.ledger import FEDERATION_STATE_FORMAT, load_federation_state
+from shared_model.privacy.federation_state import load_federation_state, save_federation_state
 from shared_model.util import utc_now
 
 log = logging.getLogger("flwr")
@@ -49,15 +46,15 @@ class FederationState:
         """The witnessed heads as ConfigRecord lists, for every site (each finds its own)."""
         names = sorted(self.sites)
         return {"witness-sites": names, "witness-heads": [self.sites[s]["head"] for s in names],
-                "witness-counts": [int(self.sites[s]["records"]) for s in names]}
+                "witness-counts": [int(self.sites[s]["lines"]) for s in names]}
 
-    def observe(self, site: str, *, head: str, records: int, run_id: str, server_round: int) -> None:
+    def observe(self, site: str, *, head: str, lines: int, run_id: str, server_round: int) -> None:
         before = self.sites.get(site)
-        if before is not None and records < before["records"]:
-            log.warning("%s reported a ledger of %d lines, fewer than the %d witnessed: ignored", site, records,
-                        before["records"])
+        if before is not None and lines < before["lines"]:
+            log.warning("%s reported a ledger of %d lines, fewer than the %d witnessed: ignored", site, lines,
+                        before["lines"])
             return
-        self.sites[site] = {"head": head, "records": int(records), "run_id": str(run_id),
+        self.sites[site] = {"head": head, "lines": int(lines), "run_id": str(run_id),
                             "server_round": int(server_round), "time": utc_now()}
 
     def observe_reply(self, site: str, info, *, run_id: str, server_round: int) -> None:
@@ -66,15 +63,11 @@ class FederationState:
         a head. The caller has bound `site` to the replying node."""
         if "ledger-head" not in info or info.get("ledger-ephemeral", False):
             return
-        head, records = info["ledger-head"], info.get("ledger-records")
-        if not isinstance(head, str) or not isinstance(records, int) or isinstance(records, bool) or records < 0:
-            log.warning("%s reported a malformed ledger head %r of %r lines: ignored", site, head, records)
+        head, lines = info["ledger-head"], info.get("ledger-lines")
+        if not isinstance(head, str) or not isinstance(lines, int) or isinstance(lines, bool) or lines < 0:
+            log.warning("%s reported a malformed ledger head %r of %r lines: ignored", site, head, lines)
             return
-        self.observe(site, head=head, records=records, run_id=run_id, server_round=server_round)
+        self.observe(site, head=head, lines=lines, run_id=run_id, server_round=server_round)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        doc = {"format": FEDERATION_STATE_FORMAT, "sites": self.sites}
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        save_federation_state(self.path, self.sites)

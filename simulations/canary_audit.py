@@ -52,7 +52,8 @@ def theoretical_epsilon(run_dir: Path, run_config: dict[str, Any], num_sites: in
     epsilon among the canary records it holds (the events whose membership contained them)."""
     from client.site_data import simulated_site_data
     from shared_model.evaluation.canaries import included_canaries
-    from shared_model.privacy.ledger import PrivacyLedger, build_histories
+    from shared_model.privacy.history import build_histories
+    from shared_model.privacy.ledger import PrivacyLedger
 
     site = int(run_config["canary-site"])
     path = run_dir / "sites" / f"site-{site}" / "ledger.jsonl"

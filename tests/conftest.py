@@ -92,7 +92,7 @@ def rewrite_ledger(path, edit) -> None:
     chain still verifies: `edit(records)` changes the parsed lines in place (or returns new ones),
     then every prev_hash and hash is recomputed. Only the server's witness can tell the difference
     for an edit that keeps the ledger self-consistent."""
-    from shared_model.privacy.ledger import GENESIS, record_hash
+    from shared_model.privacy.ledger_lines import GENESIS, record_hash
 
     records = [json.loads(line) for line in path.read_text().splitlines()]
     records = edit(records) or records

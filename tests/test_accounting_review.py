@@ -14,7 +14,8 @@ from shared_model.model.captioner import Captioner
 from shared_model.model.training import train_epoch
 from shared_model.privacy.accounting import DPSGDEvent, compute_epsilon, filter_order
 from shared_model.privacy.dp import private_training
-from shared_model.privacy.ledger import PrivacyLedger, build_histories
+from shared_model.privacy.history import build_histories
+from shared_model.privacy.ledger import PrivacyLedger
 from shared_model.audit.ledger_audit import audit
 from shared_model.privacy.site_budget import RunRequest, SiteBudget, run_plan
 

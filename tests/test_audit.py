@@ -8,7 +8,8 @@ import pytest
 from conftest import record_round, tamper_ledger
 
 from shared_model.privacy.accounting import DPSGDEvent, compute_epsilon
-from shared_model.privacy.ledger import PrivacyLedger, record_hash
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.ledger_lines import record_hash
 from shared_model.audit.ledger_audit import audit, find_ledgers
 from runners.cli import main
 

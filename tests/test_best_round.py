@@ -10,7 +10,7 @@ from conftest import tiny_config
 from server.initial_model import initial_model, write_init_record
 from server.outputs import NothingTrained, RunOutputs
 from server.selection import best_round, selection_signal
-from server.strategy import BUDGET_METRICS
+from shared_model.privacy.reply import BUDGET_METRICS
 from shared_model.data.synthetic import synthetic_vocabulary
 from shared_model.model.captioner import Captioner
 from shared_model.model.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint

@@ -65,7 +65,7 @@ def test_fedcap_train_on_several_folders_writes_the_run_that_happened(tmp_path, 
     """Issue 23: `--data` takes several folders (trained on as one), and config.json says so: the
     folders, the records actually read, no embedded source or size, no DP settings for a
     non-private run; the score is printed with its decoding (the server's eval-beam-size)."""
-    from deploy.site_data import write_coco_folder
+    from deploy.site_folders import write_coco_folder
     from shared_model.data.synthetic import load_embedded
     from runners.flower_runtime import default_run_config
     from runners.cli import main

@@ -8,7 +8,7 @@ import numpy as np
 
 from client.data_cache import cached_store, folder_key
 from client.site_data import deployed_site_data
-from deploy.site_data import write_coco_folder
+from deploy.site_folders import write_coco_folder
 from shared_model.data.rows import ImageRows
 from shared_model.data.store import open_store, write_store
 from shared_model.data.synthetic import load_embedded

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from client.trainer import LocalTraining, train_round
-from deploy.site_data import write_coco_folder
+from deploy.site_folders import write_coco_folder
 from shared_model.data.datasets import CaptionDataset
 from shared_model.data.loaders import CaptionDataError, load_dataset_folder, parse_dataset_folder
 from shared_model.data.partition import hash_split

@@ -14,12 +14,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy.credentials import make_site_key, make_tls
 from deploy.local import LoopbackDeployment, main as deploy_main, run_overrides, site_folders
-from deploy.site_data import export_sites, write_coco_folder
+from deploy.site_folders import export_sites, write_coco_folder
 from shared_model.data.loaders import load_dataset
 from shared_model.data.public import load_public
 from shared_model.data.synthetic import load_embedded
 from runners.flower_runtime import alive, descendants, free_port
-from server.strategy import BUDGET_METRICS
+from shared_model.privacy.reply import BUDGET_METRICS
 from shared_model.privacy.ledger import PrivacyLedger
 from runners.cli import main as cli_main
 
@@ -200,7 +200,7 @@ def test_operator_walkthrough_on_its_own_folders(tmp_path, capsys):
         assert all((r["target_epsilon"], r["target_delta"]) == (6.0, 1e-5) for r in lines)
         assert [r["kind"] for r in lines[:2]] == ["count-gaussian", "grant"] and lines[1]["granted_epsilon"] == 1.5
         assert 0 < records[-1]["epsilon"] <= 6.0
-        assert witnessed[name]["head"] == lines[-1]["hash"] and witnessed[name]["records"] == 4
+        assert witnessed[name]["head"] == lines[-1]["hash"] and witnessed[name]["lines"] == 4
         # the summary shows the budget the site reported (its ledger's epsilon), never the run config's;
         # the run spent at most the 1.5 the site granted it
         row = next(line for line in summary.splitlines() if line.startswith(f"| {name} | "))

@@ -119,7 +119,7 @@ def test_ledgers_continue_across_runs_and_the_server_witnesses_them(tmp_path, fl
     assert len(records) == 4 and records[2]["run_id"] == second["run_id"] != first["run_id"]
     assert records[2]["epsilon"] > after_first[-1]["epsilon"]  # continues, does not restart at round 1's value
     witnessed = json.loads((runs / "federation-state.json").read_text())["sites"]
-    assert witnessed["site-0"]["records"] == 8 and witnessed["site-0"]["run_id"] == second["run_id"]  # 2 x 4 lines
+    assert witnessed["site-0"]["lines"] == 8 and witnessed["site-0"]["run_id"] == second["run_id"]  # 2 x 4 lines
 
     # attack: site-0's whole state dir is lost, and the server asks for a fixed noise that would pass the
     # sites' grants. site-0 must refuse (the witness), site-1 must refuse (the noise): nothing trains, the run fails

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import tiny_config
-from deploy.site_data import write_coco_folder
+from deploy.site_folders import write_coco_folder
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
 from shared_model.model.checkpoint import save_checkpoint

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from deploy.site_data import write_coco_folder
+from deploy.site_folders import write_coco_folder
 from shared_model.data.datasets import CaptionDataset
 from shared_model.data.public import load_public, public_seed
 from shared_model.data.synthetic import generate_scenes, load_embedded, split_seed, synthetic_vocabulary

@@ -8,7 +8,9 @@ from conftest import record_round, tamper_ledger
 
 from shared_model.data.synthetic import generate_scenes
 from shared_model.privacy.accounting import ACCOUNTANTS, DPSGDEvent, compute_epsilon
-from shared_model.privacy.ledger import LedgerError, PrivacyLedger, build_histories, record_hash
+from shared_model.privacy.history import build_histories
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.ledger_lines import LedgerError, record_hash
 from shared_model.privacy.membership import MembershipError, MembershipStore
 
 DELTA = 1e-5
@@ -146,7 +148,7 @@ def _v1_ledger(path, events):
 
 
 def test_an_old_ledger_is_refused_then_migrated_conservatively(tmp_path, capsys):
-    from deploy.site_data import write_coco_folder
+    from deploy.site_folders import write_coco_folder
     from shared_model.data.loaders import load_dataset_folder
     from shared_model.data.synthetic import load_embedded
     from runners.cli import main

@@ -5,7 +5,7 @@ run folder and summary.md, the strategy's reporting fields as the ServerApp hand
 import math
 
 from server.outputs import NothingTrained, RunOutputs
-from server.strategy import BUDGET_METRICS
+from shared_model.privacy.reply import BUDGET_METRICS
 from runners.flower_runtime import default_run_config
 
 RC = {**default_run_config(), "eval-beam-size": 1}
@@ -20,7 +20,7 @@ def budget_row(summary: str, site: str) -> dict[str, str]:
 def test_non_private_and_refused_sites_show_their_budget_truthfully(tmp_path):
     outputs = RunOutputs(tmp_path / "run-1")
     outputs.log_round({"round": 0, "BLEU-4": 0.1, "ROUGE-L": 0.3, "CIDEr-D": 1.2, "loss": 2.0})
-    # what client/trainer.py's NON_PRIVATE_METRICS reports, and what a budget refusal reports
+    # what client/privacy/reply.py's TrainMetrics.non_private reports, and what a budget refusal reports
     non_private = {"epsilon": math.inf, "delta": 0.0, "target-epsilon": 0.0, "epsilon-remaining": 0.0,
                    "run-epsilon-granted": 0.0, "run-epsilon-spent": 0.0}
     refused = {"epsilon": 5.5, "delta": 1e-5, "target-epsilon": 6.0}

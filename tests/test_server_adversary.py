@@ -7,10 +7,11 @@ from conftest import tiny_config
 
 from client.settings import mechanism_seed, shares_held_out_metrics, state_dir
 from client.trainer import LocalTraining, train_round
-from server.update_checks import TRAIN_METRICS
+from shared_model.privacy.reply import TRAIN_METRICS
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
-from shared_model.privacy.ledger import BudgetExhaustedError, PrivacyLedger
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.site_budget import BudgetExhaustedError
 from shared_model.privacy.site_budget import RunRequest, SiteBudget
 from shared_model.run_settings import validate_node_config
 

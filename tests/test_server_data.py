@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deploy.site_data import write_coco_folder
+from deploy.site_folders import write_coco_folder
 from server.server_data import server_eval_set, server_vocabulary
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.data.vocab import Vocabulary

@@ -11,8 +11,10 @@ from shared_model.run_settings import validate_node_config
 from client.trainer import LocalTraining, train_round
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
-from shared_model.privacy.ledger import (BudgetExhaustedError, LedgerRollbackError, PrivacyLedger, build_histories,
-    ledger_head)
+from shared_model.privacy.history import build_histories
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.ledger_lines import LedgerRollbackError, ledger_head
+from shared_model.privacy.site_budget import BudgetExhaustedError
 from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
 VOCAB = synthetic_vocabulary()
@@ -125,7 +127,7 @@ def test_a_lost_or_rolled_back_ledger_refuses(tmp_path, loss):
     backup = tmp_path / "backup"
     shutil.copytree(state, backup)
     metrics = run(ledger, records, rounds=3, server_round=2)
-    witness = (metrics["ledger-head"], metrics["ledger-records"])  # what the server keeps
+    witness = (metrics["ledger-head"], metrics["ledger-lines"])  # what the server keeps
     if loss == "delete-ledger":
         (state / "ledger.jsonl").unlink()
         match = "missing but this site has trained before"
@@ -144,7 +146,7 @@ def test_a_lost_or_rolled_back_ledger_refuses(tmp_path, loss):
     if loss == "delete-state":
         shutil.move(tmp_path / "mirror-offline", tmp_path / "mirror")
     shutil.copytree(tmp_path / "mirror", state)
-    assert run(ledger, records, rounds=3, server_round=3, witness=witness)["ledger-records"] == 5  # count, grant, 3
+    assert run(ledger, records, rounds=3, server_round=3, witness=witness)["ledger-lines"] == 5  # count, grant, 3
 
 
 def test_the_witness_travels_in_the_train_config():

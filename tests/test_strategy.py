@@ -8,11 +8,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from server.strategy import FedCapStrategy, NoSiteCanTrain, RoundFailed, build_strategy
-from server.update_checks import TRAIN_METRICS
+from server.strategy import FedCapStrategy, NoSiteCanTrain, RoundFailed
+from server.strategy_factory import build_strategy
+from shared_model.privacy.reply import TRAIN_METRICS
 from server.witness import FederationState
 from shared_model.model.captioner import Captioner
-from shared_model.privacy.ledger import load_federation_state
+from shared_model.privacy.federation_state import load_federation_state
 from runners.flower_runtime import default_run_config
 
 from conftest import tiny_config
@@ -139,7 +140,7 @@ def test_metrics_are_bound_to_the_replying_node_not_to_the_name_it_claims(global
 
 def test_extra_site_keys_such_as_a_ledger_head_are_accepted(global_model):
     s = strategy(global_model)
-    extra = {"ledger-head": "ab" * 32, "ledger-records": 3}
+    extra = {"ledger-head": "ab" * 32, "ledger-lines": 3}
     aggregate(s, [reply(1, honest(global_model, 1), extra_site=extra), reply(2, honest(global_model, 2))])
     assert s.failures == [] and s.trained_rounds == [1]
 
@@ -266,12 +267,12 @@ def test_evaluation_inside_train_replies_reports_the_received_model(global_model
 
 def ledger(node, records):
     """A reply's ledger head: node `node`'s ledger at `records` lines."""
-    return {"ledger-head": f"{node:02d}" * 32, "ledger-records": records}
+    return {"ledger-head": f"{node:02d}" * 32, "ledger-lines": records}
 
 
 def witnessed(witness):
     """site -> (head, records), as saved in the federation state file."""
-    return {s: (h["head"], h["records"]) for s, h in load_federation_state(witness.path).items()}
+    return {s: (h["head"], h["lines"]) for s, h in load_federation_state(witness.path).items()}
 
 
 @pytest.mark.parametrize("case", ["max-update-norm", "float64", "extra metric", "missing array"])
@@ -316,7 +317,7 @@ def test_a_node_claiming_another_sites_name_never_moves_its_witnessed_head(globa
     aggregate(s, [reply(1, a, metric=refusal, extra_site={"budget-exhausted": "spent", **ledger(1, 2)}),
                   reply(2, b, site="site-1", extra_site=ledger(2, 9)),
                   reply(3, b, site="site-1", extra_site=ledger(3, 9)),
-                  reply(4, a, extra_site={"ledger-head": "x", "ledger-records": "9"}),
+                  reply(4, a, extra_site={"ledger-head": "x", "ledger-lines": "9"}),
                   reply(5, a, extra_site=ledger(5, 1)), reply(6, b, extra_site=ledger(6, 1))], 2)
     assert {(f["node"], f["kind"]) for f in s.failures} == {(1, "refused"), (2, "rejected"), (3, "rejected")}
     assert witnessed(witness) == {"site-1": (ledger(1, 3)["ledger-head"], 3),
@@ -343,7 +344,7 @@ class _VocabGrid:
             node = m.metadata.dst_node_id
             m.metadata.__dict__["_message_id"] = f"vocab-{node}"
             name, words = self.answers[node]
-            head = {"ledger-head": f"head-{node}", "ledger-records": 1}
+            head = {"ledger-head": f"head-{node}", "ledger-lines": 1}
             if words is None:
                 content = RecordDict({"site": ConfigRecord({"name": name, "refused": "spent", **head})})
             else:

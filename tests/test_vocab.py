@@ -39,7 +39,7 @@ def test_bad_vocabulary_files_are_refused(tmp_path):
 
 
 def test_fedcap_vocab_builds_a_file_from_a_coco_folder(tmp_path, capsys):
-    from deploy.site_data import write_coco_folder
+    from deploy.site_folders import write_coco_folder
     from shared_model.data.synthetic import load_embedded
     from shared_model.data.vocab import Vocabulary
     from runners.cli import main

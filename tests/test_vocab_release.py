@@ -8,7 +8,9 @@ from statistics import NormalDist
 import pytest
 
 from shared_model.privacy.accounting import compute_epsilon, gaussian_event
-from shared_model.privacy.ledger import BudgetExhaustedError, build_histories, PrivacyLedger
+from shared_model.privacy.history import build_histories
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.site_budget import BudgetExhaustedError
 from shared_model.audit.ledger_audit import audit
 from shared_model.privacy.site_budget import SiteBudget
 from shared_model.privacy.vocab_release import (VocabRelease, clipped_counts, merge_releases, noisy_release,
@@ -98,7 +100,7 @@ def test_release_is_written_chained_and_composed_with_dp_sgd(tmp_path):
     assert site.threshold_delta == 1e-6 and site.spent_epsilon == pytest.approx(lines[1]["epsilon"])
 
     # an under-reported release is caught: rewrite the line's epsilon (and its hash, as an attacker would)
-    from shared_model.privacy.ledger import record_hash
+    from shared_model.privacy.ledger_lines import record_hash
 
     first = json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[0])
     first["epsilon"] = alone / 2

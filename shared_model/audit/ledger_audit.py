@@ -45,7 +45,10 @@ from typing import Any, Iterable, Sequence
 
 from shared_model.privacy.accounting import ACCOUNTANTS
 from shared_model.privacy.individual import conversion_delta, max_signature_epsilon
-from shared_model.privacy.ledger import EVENT_KINDS, LedgerError, PrivacyLedger, build_histories, load_federation_state
+from shared_model.privacy.federation_state import load_federation_state
+from shared_model.privacy.history import build_histories
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.ledger_lines import EVENT_KINDS, LedgerError
 from shared_model.audit.run_audit import check_runs
 
 DEFAULT_ACCOUNTANTS = ("prv", "rdp", "pld")
@@ -210,7 +213,7 @@ def check_witnessed_heads(federation_state: str | Path, chains: dict[str, list[s
         witnessed = {site: w for site, w in witnessed.items() if site in set(only)}
     findings = []
     for site, w in sorted(witnessed.items()):
-        count, head = int(w["records"]), str(w["head"])
+        count, head = int(w["lines"]), str(w["head"])
         if not any(len(chain) >= count and chain[count - 1] == head for chain in chains.values()):
             hint = "" if only or site in chains else (
                 f"; if you meant to audit only {', '.join(sorted(chains)) or 'some sites'}, say so with "

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from shared_model.privacy.accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, compute_epsilon
-from shared_model.privacy.ledger import GENESIS, LedgerError, PrivacyLedger, record_hash
+from shared_model.privacy.ledger import PrivacyLedger
+from shared_model.privacy.ledger_lines import GENESIS, LedgerError, record_hash
 
 V1 = "fedcap-ledger/1"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared_model.privacy.ledger import EVENT_KINDS, record_event, record_extra_delta
+from shared_model.privacy.ledger_lines import EVENT_KINDS, record_event, record_extra_delta
 from shared_model.privacy.site_budget import run_plan, run_spend
 
 

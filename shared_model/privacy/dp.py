@@ -31,7 +31,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING
 
-from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
+from shared_model.privacy.accounting import OPACUS_ACCOUNTANTS, DPSGDEvent
 
 if TYPE_CHECKING:  # torch only for annotations: run_settings imports this module's checks without torch
     from torch import nn

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-from .accounting import (DPSGDEvent, Signature, add_to_signature, compute_epsilon, dominates, signature,
+from shared_model.privacy.accounting import (DPSGDEvent, Signature, add_to_signature, compute_epsilon, dominates, signature,
                          signature_epsilon)
 
 

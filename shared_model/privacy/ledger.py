@@ -16,199 +16,31 @@ private vocabulary release (vocab_release.py): a Gaussian mechanism over the wor
 records in its membership (noise_multiplier x sqrt(max_words_per_record)), thresholded at the site
 with `threshold_delta`; in a record's history it is one more event (accounting.gaussian_event).
 
-Common fields: format, kind, run_id, time (UTC), prev_hash, hash. `hash` is the SHA-256 of the
-line's canonical JSON without `hash`; `prev_hash` is the previous line's hash (64 zeros for the
-first), so an edited, removed, reordered or truncated-then-extended ledger fails verification. The
-head (last hash, number of lines) is witnessed by the server every round and checked by the site at
-the next one, which catches a ledger deleted, replaced by an older backup or rewritten.
-
 Writes happen in one transaction per round (`PrivacyLedger.transaction`): lock, read and verify
 once, plan, train, append exactly what was checked, unlock. A write goes to a temporary file that is
 fsynced and renamed over the ledger (then the folder is fsynced), and, with a mirror folder, the
 same bytes and membership files are written there before the lock is released.
+
+The line format and hash chain: ledger_lines.py; history replay: history.py.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
-import math
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from shared_model.privacy.accounting import DPSGDEvent
+from shared_model.privacy.history import build_histories
+from shared_model.privacy.individual import RecordHistories
+from shared_model.privacy.ledger_lines import (EVENT_KINDS, FORMAT, GENESIS, LedgerError, LedgerRollbackError,
+                                               check_line, ledger_head, record_event, record_extra_delta,
+                                               record_hash)
+from shared_model.privacy.membership import MembershipStore
 from shared_model.util import atomic_write, utc_now
-
-from .accounting import OPACUS_ACCOUNTANTS, DPSGDEvent, check_accountant, gaussian_event
-from .individual import RecordHistories
-from .membership import MembershipError, MembershipStore
-
-FORMAT = "fedcap-ledger/2"
-OLD_FORMATS = ("fedcap-ledger/1",)
-GENESIS = "0" * 64
-COMMON = ("format", "kind", "run_id", "time", "prev_hash", "hash")
-FIELDS = {
-    "grant": COMMON + ("requested_epsilon", "granted_epsilon", "noise_multiplier", "sample_rate", "planned_steps",
-                       "num_rounds", "local_epochs", "batch_size", "records", "spent_before", "target_epsilon",
-                       "target_delta", "accountant", "init_checkpoint"),
-    "dp-sgd": COMMON + ("server_round", "membership", "membership_sha256", "records_trained", "records_retired",
-                        "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "target_epsilon",
-                        "target_delta", "accountant", "epsilon", "init_checkpoint"),
-    "vocab-gaussian": COMMON + ("membership", "membership_sha256", "records_counted", "records_retired",
-                                "noise_multiplier", "max_words_per_record", "threshold", "threshold_delta",
-                                "words_released", "target_epsilon", "target_delta", "accountant", "epsilon"),
-    "count-gaussian": COMMON + ("membership", "membership_sha256", "records_counted", "noise_multiplier",
-                                "noisy_count", "target_epsilon", "target_delta", "accountant", "epsilon"),
-}
-# lines that are a mechanism over the records of their membership
-EVENT_KINDS = ("dp-sgd", "vocab-gaussian", "count-gaussian")
-MIGRATE_HINT = "migrate it with `fedcap ledger migrate STATE_DIR --data-dir DIR --format FORMAT` (docs/privacy.md)"
-
-
-class LedgerError(ValueError):
-    """The ledger file is malformed, its hash chain is broken, or its membership files are."""
-
-
-class LedgerRollbackError(LedgerError):
-    """The ledger does not contain the head the server witnessed: lost, rolled back or rewritten."""
-
-
-class BudgetExhaustedError(RuntimeError):
-    """Too few records can train this round without exceeding the site's privacy budget."""
-
-    def __init__(self, *, spent: float, projected: float, target_epsilon: float, target_delta: float,
-                 reason: str = "") -> None:
-        self.spent, self.projected, self.target_epsilon, self.target_delta = spent, projected, target_epsilon, target_delta
-        self.ledger_head: tuple[str, int] | None = None  # (hash, lines) of the ledger that refused, for the witness
-        super().__init__(reason or f"privacy budget exhausted: epsilon spent {spent:.4f}, after this round "
-                                   f"{projected:.4f} > target_epsilon {target_epsilon} (delta {target_delta:g})")
-
-
-def record_hash(record: dict[str, Any]) -> str:
-    body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def record_event(record: dict[str, Any]) -> DPSGDEvent:
-    """The mechanism of an event line (dp-sgd, vocab-gaussian, count-gaussian) as an accounting event."""
-    if record["kind"] in ("vocab-gaussian", "count-gaussian"):
-        return gaussian_event(noise_multiplier=record["noise_multiplier"])
-    return DPSGDEvent(sample_rate=record["sample_rate"], noise_multiplier=record["noise_multiplier"],
-                      steps=record["steps"])
-
-
-def record_extra_delta(record: dict[str, Any]) -> float:
-    """The delta an event line adds beyond its accountant's (a vocabulary release's thresholding)."""
-    return float(record["threshold_delta"]) if record["kind"] == "vocab-gaussian" else 0.0
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_record(record: Any, where: str) -> None:
-    if not isinstance(record, dict):
-        raise LedgerError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if record.get("format") in OLD_FORMATS:
-        raise LedgerError(f"{where}: format {record['format']!r} keys spending by a whole-dataset fingerprint, "
-                          f"which adding one record resets; {MIGRATE_HINT}")
-    if record.get("format") != FORMAT:
-        raise LedgerError(f"{where}: format must be {FORMAT!r}, got {record.get('format')!r}")
-    kind = record.get("kind")
-    if kind not in FIELDS:
-        raise LedgerError(f"{where}: kind must be one of {sorted(FIELDS)}, got {kind!r}")
-    missing = [f for f in FIELDS[kind] if f not in record]
-    if missing:
-        raise LedgerError(f"{where}: missing fields {missing}")
-    try:
-        check_accountant(record["accountant"], OPACUS_ACCOUNTANTS)
-    except ValueError:
-        raise LedgerError(f"{where}: unknown accountant {record['accountant']!r}") from None
-    if not (_number(record["target_delta"]) and 0 < record["target_delta"] < 1):
-        raise LedgerError(f"{where}: target_delta must be in (0, 1), got {record['target_delta']!r}")
-    if not (_number(record["target_epsilon"]) and record["target_epsilon"] > 0):
-        raise LedgerError(f"{where}: target_epsilon must be a number > 0, got {record['target_epsilon']!r}")
-    if kind == "vocab-gaussian":
-        if not (_number(record["threshold_delta"]) and 0 < record["threshold_delta"] < 1):
-            raise LedgerError(f"{where}: threshold_delta must be in (0, 1), got {record['threshold_delta']!r}")
-        if not (isinstance(record["max_words_per_record"], int) and record["max_words_per_record"] >= 1):
-            raise LedgerError(f"{where}: max_words_per_record must be an int >= 1, got "
-                              f"{record['max_words_per_record']!r}")
-    if kind in EVENT_KINDS:
-        if not (_number(record["epsilon"]) and record["epsilon"] >= 0):
-            raise LedgerError(f"{where}: epsilon must be a number >= 0, got {record['epsilon']!r}")
-        try:
-            record_event(record)
-        except (ValueError, TypeError) as e:
-            raise LedgerError(f"{where}: {e}") from None
-
-
-def ledger_head(records: list[dict[str, Any]]) -> tuple[str, int]:
-    """(last hash, number of lines): what the server witnesses."""
-    return (records[-1]["hash"] if records else GENESIS), len(records)
-
-
-def check_witness(records: list[dict[str, Any]], *, head: str, count: int, path: Path) -> None:
-    """LedgerRollbackError unless line `count` of the ledger has hash `head` (the server's witness)."""
-    if count == 0:
-        return
-    if len(records) < count or records[count - 1]["hash"] != head:
-        raise LedgerRollbackError(
-            f"ledger {path} was lost or rolled back: the server witnessed {count} line(s) ending in hash "
-            f"{head[:16]}.., but this ledger has {len(records)} line(s)"
-            + (f" ending in {records[-1]['hash'][:16]}.." if records else "")
-            + ". The site refuses to train, since its privacy spending would restart from an old state. Restore "
-              "the ledger and its membership/ folder from the mirror (node_config ledger-mirror-dir) or a backup "
-              "that holds the witnessed line; see docs/privacy.md, 'Lost or rolled-back ledgers'.")
-
-
-FEDERATION_STATE_FORMAT = "fedcap-federation-state/1"
-
-
-def load_federation_state(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The server's witness file: site -> {"head", "records", ...}; {} for a missing file;
-    ValueError naming the file when it is malformed."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or doc.get("format") != FEDERATION_STATE_FORMAT:
-            raise ValueError(f"format must be {FEDERATION_STATE_FORMAT!r}")
-        if not isinstance(doc.get("sites"), dict):
-            raise ValueError("'sites' must be an object")
-        for site, head in doc["sites"].items():
-            if not (isinstance(head, dict) and isinstance(head.get("head"), str)
-                    and isinstance(head.get("records"), int) and not isinstance(head.get("records"), bool)):
-                raise ValueError(f"site {site!r} needs a str 'head' and an int 'records', got {head!r}")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"federation state {path} is not a valid {FEDERATION_STATE_FORMAT} file "
-                         f"({type(e).__name__}: {e})") from None
-    return doc["sites"]
-
-
-def build_histories(records: list[dict[str, Any]], store: MembershipStore,
-                    ) -> tuple[RecordHistories, list[list[int]]]:
-    """Replay every event line (dp-sgd, vocab-gaussian): the record histories after the whole
-    ledger, and for each line the groups that took part in it ([] for grants). Membership files are
-    verified on the way."""
-    histories, touched = RecordHistories(), []
-    for n, r in enumerate(records, 1):
-        if r["kind"] not in EVENT_KINDS:
-            touched.append([])
-            continue
-        try:
-            members = store.load(r["membership"])
-            sha = store.file_sha256(r["membership"])
-        except MembershipError as e:
-            raise LedgerError(f"ledger line {n}: {e}") from None
-        if sha != r["membership_sha256"] or len(members) != r.get("records_trained", r.get("records_counted")):
-            raise LedgerError(f"ledger line {n}: membership file {store.path(r['membership'])} does not match the "
-                              f"hash or record count the ledger line holds")
-        touched.append(histories.add(record_event(r), r["membership"], members, extra_delta=record_extra_delta(r)))
-    return histories, touched
 
 
 class PrivacyLedger:
@@ -236,7 +68,7 @@ class PrivacyLedger:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LedgerError(f"{where}: not valid JSON ({e})") from None
-            _check_record(record, where)
+            check_line(record, where)
             if record["prev_hash"] != prev:
                 raise LedgerError(f"{where}: prev_hash does not match the previous line "
                                   f"(a line was removed, reordered or inserted)")
@@ -371,7 +203,7 @@ class LedgerTransaction:
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         record = {"format": FORMAT, **fields, "time": utc_now(), "prev_hash": self.head[0]}
         record["hash"] = record_hash(record)
-        _check_record(record, f"new line for {self.ledger.path}")
+        check_line(record, f"new line for {self.ledger.path}")
         self.ledger._write([*self.records, record])
         self.records = [*self.records, record]
         if self._histories is not None and record["kind"] in EVENT_KINDS:

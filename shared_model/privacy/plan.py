@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .accounting import gaussian_event
-from .site_budget import RunRequest, SiteBudget, make_grant
+from shared_model.privacy.accounting import gaussian_event
+from shared_model.privacy.site_budget import RunRequest, SiteBudget, make_grant
 
 NOISE_DOMINATES = 1.0  # the run's noise norm over the clipped signal's best
 LEVERS = ("train fewer parameters (trainable = \"decoder\" or \"fusion+decoder\")", "a larger expected batch "

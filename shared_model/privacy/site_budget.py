@@ -36,11 +36,21 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .accounting import (OPACUS_ACCOUNTANTS, DPSGDEvent, calibrate_after, check_accountant, compute_epsilon,
+from shared_model.privacy.accounting import (OPACUS_ACCOUNTANTS, DPSGDEvent, calibrate_after, check_accountant, compute_epsilon,
                          conversion_cost, filter_order, gaussian_event, rdp_at, smallest_noise)
-from .dp import poisson_plan
-from .individual import RecordHistories, conversion_delta, projected_epsilons
-from .ledger import BudgetExhaustedError
+from shared_model.privacy.dp import poisson_plan
+from shared_model.privacy.individual import RecordHistories, conversion_delta, projected_epsilons
+
+
+class BudgetExhaustedError(RuntimeError):
+    """Too few records can train this round without exceeding the site's privacy budget."""
+
+    def __init__(self, *, spent: float, projected: float, target_epsilon: float, target_delta: float,
+                 reason: str = "") -> None:
+        self.spent, self.projected, self.target_epsilon, self.target_delta = spent, projected, target_epsilon, target_delta
+        self.ledger_head: tuple[str, int] | None = None  # (hash, lines) of the ledger that refused, for the witness
+        super().__init__(reason or f"privacy budget exhausted: epsilon spent {spent:.4f}, after this round "
+                                   f"{projected:.4f} > target_epsilon {target_epsilon} (delta {target_delta:g})")
 
 
 @dataclass(frozen=True, kw_only=True)

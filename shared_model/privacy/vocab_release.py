@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Sequence
 
-from .accounting import DPSGDEvent, gaussian_event
-from .individual import projected_epsilons
-from .ledger import BudgetExhaustedError, LedgerTransaction
-from .site_budget import SiteBudget, run_spend
+from shared_model.privacy.accounting import DPSGDEvent, gaussian_event
+from shared_model.privacy.individual import projected_epsilons
+from shared_model.privacy.ledger import LedgerTransaction
+from shared_model.privacy.site_budget import BudgetExhaustedError, SiteBudget, run_spend
 
 
 @dataclass(frozen=True, kw_only=True)

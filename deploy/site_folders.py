@@ -1,6 +1,6 @@
 """Give each demo site a data folder in COCO captions format, cut from the embedded synthetic data.
 
-    python -m deploy.site_data OUT --sites 2 [--train-size 4000] [--partitioner dirichlet]
+    python -m deploy.site_folders OUT --sites 2 [--train-size 4000] [--partitioner dirichlet]
 
 writes OUT/site-K/captions.json (COCO: `images` [{id, file_name}], `annotations` [{image_id,
 caption}]) and OUT/site-K/images/*.png. A real site points its SuperNode's `data-dir` at a folder of
@@ -51,7 +51,7 @@ def export_sites(out: str | Path, num_sites: int, *, train_size: int = 4000, par
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.site_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m deploy.site_folders", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--sites", type=int, default=2, help="number of site folders (default 2)")
     parser.add_argument("--train-size", type=int, default=4000,
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                    alpha=args.dirichlet_alpha, seed=args.seed, image_size=args.image_size):
             print(folder)
     except (ValueError, FileExistsError) as e:
-        print(f"deploy.site_data: error: {e}", file=sys.stderr)
+        print(f"deploy.site_folders: error: {e}", file=sys.stderr)
         return 2
     return 0
 
