@@ -77,7 +77,7 @@ def run_mode(mode: str, decoder: str, *, grad_sample_mode: str, batch_size: int,
     if mode != "plain":
         _, model, optimizer, loader = make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=1.0, max_grad_norm=1.0,
-                                                   grad_sample_mode=grad_sample_mode)
+                                                   grad_sample_mode=grad_sample_mode, accountant="prv")
 
     def batches():
         for x, y in loader:

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from client.settings import local_training  # noqa: E402
+from shared_model.run_settings import default_run_config  # noqa: E402
 from client.trainer import train_round  # noqa: E402
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
@@ -33,7 +34,7 @@ def sync():
 
 
 def site_rounds(cfg, data, *, dp, trainable="all", rounds=2, seed=None, batch=128, epochs=2):
-    training = local_training({"local-epochs": epochs, "batch-size": batch, "lr": 3e-3,
+    training = local_training({**default_run_config(), "local-epochs": epochs, "batch-size": batch, "lr": 3e-3,
                                "max-physical-batch-size": batch, "physical-batch-shape": "auto",
                                "grad-sample-mode": "auto", "precision": "fp32", "trainable": trainable,
                                "model-decoder": cfg.decoder}, {})

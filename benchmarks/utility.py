@@ -68,10 +68,10 @@ def centralized(init, data, test, vocab, *, epochs, lr, eps, device, seed, meteo
     loader = DataLoader(CaptionDataset(data, vocab, max_len=model.config.max_len), batch_size=BATCH, shuffle=True)
     if eps:
         event = plan_dp_sgd(num_records=len(data), batch_size=BATCH, epochs=epochs, target_epsilon=eps,
-                            target_delta=1e-5)
+                            target_delta=1e-5, accountant="prv")
         _, model, optimizer, loader = private_training(module=model, optimizer=optimizer, dataset=loader.dataset,
                                                        event=event, epochs=epochs, max_grad_norm=1.0,
-                                                       expected_batch_size=len(data) * event.sample_rate)
+                                                       expected_batch_size=len(data) * event.sample_rate, accountant="prv")
     for _ in range(epochs):
         train_epoch(model, optimizer, loader, device=device, max_physical_batch_size=256 if eps else None)
     return score(unwrap(model), test, vocab, device, meteor)

@@ -47,7 +47,7 @@ def _held_out_metrics(model, vocab, held_out, run_config, device) -> dict:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    validate_node_config(context.node_config)  # a named error reply before anything else
+    nc = validate_node_config(context.node_config)  # a named error reply before anything else
     from .timing import Phases, cap_threads
 
     phases = Phases()
@@ -55,11 +55,12 @@ def train(msg: Message, context: Context) -> Message:
     from shared_model.privacy.site_budget import BudgetExhaustedError
 
     from .settings import (ledger_is_ephemeral, local_training, mechanism_seed, run_request, shares_held_out_metrics,
-                           site_budget, site_data, site_ledger, site_name, witnessed_head)
+                           site_budget, site_data, site_ledger, site_name, warn_simulation_only, witnessed_head)
     from .trainer import train_round
 
-    rc, nc, config = context.run_config, context.node_config, msg.content["config"]
+    rc, config = context.run_config, msg.content["config"]
     name = site_name(nc)
+    warn_simulation_only(rc, nc)
     model, vocab, device = _model_and_vocab(msg, context)
     budget = site_budget(rc, nc)
     ledger = site_ledger(rc, nc, context.run_id) if budget is not None else None
@@ -106,17 +107,17 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    validate_node_config(context.node_config)  # a named error reply before anything else
+    nc = validate_node_config(context.node_config)  # a named error reply before anything else
     from .settings import shares_held_out_metrics, site_data, site_name
 
-    if not shares_held_out_metrics(context.node_config):  # no epsilon covers them: say so, send none
-        return Message(content=RecordDict({"site": ConfigRecord({"name": site_name(context.node_config),
+    if not shares_held_out_metrics(nc):  # no epsilon covers them: say so, send none
+        return Message(content=RecordDict({"site": ConfigRecord({"name": site_name(nc),
                                                                  "held-out-metrics": "withheld"})}), reply_to=msg)
     model, vocab, device = _model_and_vocab(msg, context)
-    _, held_out = site_data(context.run_config, context.node_config)
+    _, held_out = site_data(context.run_config, nc)
     metrics = _held_out_metrics(model, vocab, held_out, context.run_config, device)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
-                                       "site": ConfigRecord({"name": site_name(context.node_config)})}),
+                                       "site": ConfigRecord({"name": site_name(nc)})}),
                    reply_to=msg)
 
 
@@ -124,7 +125,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def vocab(msg: Message, context: Context) -> Message:
     """The private vocabulary round (message type "query.vocab", before round 1): the site releases
     DP word counts of its own records inside one ledger transaction (shared_model.privacy.vocab_release)."""
-    validate_node_config(context.node_config)
+    nc = validate_node_config(context.node_config)
     from shared_model.privacy.ledger_lines import check_witness
     from shared_model.privacy.site_budget import BudgetExhaustedError
     from shared_model.privacy.vocab_release import release_vocabulary
@@ -135,7 +136,7 @@ def vocab(msg: Message, context: Context) -> Message:
                            vocab_release, witnessed_head)
     from .trainer import site_records
 
-    rc, nc, config = context.run_config, context.node_config, msg.content["config"]
+    rc, config = context.run_config, msg.content["config"]
     name, ephemeral = site_name(nc), ledger_is_ephemeral(rc, nc)
     budget = site_budget(rc, nc)
     if budget is None:

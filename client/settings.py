@@ -1,6 +1,10 @@
 """Where a site's settings come from: run_config (the federation's plan), node_config (the site's
 identity, data, state folder, ledger mirror and its own privacy budget, which the server cannot
-override), and the train message's config (the witnessed ledger heads, the init checkpoint)."""
+override), and the train message's config (the witnessed ledger heads, the init checkpoint).
+
+Every function takes the run config as Flower hands it (complete: pyproject.toml holds every
+default) and reads a node_config key the site may leave out through the schema's default
+(`node_setting`), so no default is written here (shared_model/run_settings.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +17,14 @@ from shared_model.privacy.ledger import PrivacyLedger
 from shared_model.privacy.site_budget import RunRequest, SiteBudget
 from shared_model.privacy.vocab_release import VocabRelease
 from shared_model.run_folder import run_dir
+from shared_model.run_settings import NODE_DEFAULTS
 
 from .trainer import LocalTraining
+
+
+def node_setting(node_config: Mapping[str, Any], key: str) -> Any:
+    """node_config `key`, or its default from the schema (run_settings.NODE_CONFIG)."""
+    return node_config[key] if key in node_config else NODE_DEFAULTS[key]
 
 
 def site_name(node_config: Mapping[str, Any]) -> str:
@@ -34,7 +44,7 @@ def state_dir(run_config: Mapping[str, Any], node_config: Mapping[str, Any], run
     if is_deployed(node_config):
         raise ValueError("node_config has no 'state-dir': a deployed site keeps its privacy ledger in its own "
                          "folder (start the SuperNode with --node-config \"state-dir=/path/on/the/site ...\")")
-    shared = str(run_config.get("site-state-dir", ""))
+    shared = str(run_config["site-state-dir"])
     base = Path(shared).expanduser().absolute() if shared else run_dir(run_config, run_id) / "sites"
     return base / site_name(node_config)
 
@@ -70,7 +80,7 @@ def mechanism_seed(run_config: Mapping[str, Any], node_config: Mapping[str, Any]
     that a simulation is reproducible."""
     if is_deployed(node_config):
         return None
-    return int(run_config["seed"]) * 1_000_003 + int(node_config.get("partition-id", 0))
+    return int(run_config["seed"]) * 1_000_003 + int(node_config["partition-id"])
 
 
 def shares_held_out_metrics(node_config: Mapping[str, Any]) -> bool:
@@ -78,9 +88,9 @@ def shares_held_out_metrics(node_config: Mapping[str, Any]) -> bool:
     whose metrics no epsilon covers). A deployed DP site only with node_config
     `share-held-out-metrics = true`; a non-private site and a simulated one (whose operator owns
     every partition) always."""
-    if not is_deployed(node_config) or node_config.get("non-private", False):
+    if not is_deployed(node_config) or node_setting(node_config, "non-private"):
         return True
-    return bool(node_config.get("share-held-out-metrics", False))
+    return bool(node_setting(node_config, "share-held-out-metrics"))
 
 
 def is_deployed(node_config: Mapping[str, Any]) -> bool:
@@ -92,7 +102,28 @@ def ledger_is_ephemeral(run_config: Mapping[str, Any], node_config: Mapping[str,
     """A simulated site whose ledger lives inside this run's folder: new with every run by design,
     so no witness from an earlier run applies to it."""
     return not is_deployed(node_config) and "state-dir" not in node_config and \
-        not str(run_config.get("site-state-dir", ""))
+        not str(run_config["site-state-dir"])
+
+
+_warned: set[str] = set()
+
+
+def warn_simulation_only(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+    """At a deployed site, a warning naming each simulation-only run-config key the run sets away
+    from its default (the site's data, budget and randomness are its own: it ignores them); once
+    per process."""
+    if not is_deployed(node_config):
+        return
+    import logging
+
+    from shared_model.run_settings import simulation_only_overrides
+
+    for key, value in simulation_only_overrides(run_config).items():
+        if key not in _warned:
+            _warned.add(key)
+            logging.getLogger("flwr").warning(
+                "run-config %s = %r is simulation-only: this deployed site ignores it (its node_config decides)",
+                key, value)
 
 
 def site_budget(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteBudget | None:
@@ -101,7 +132,7 @@ def site_budget(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
     privately. Simulation: the run config's budget for the simulated sites, or None when dp = false.
     A deployed site opts out only in its own node_config (`non-private = true`, no budget, a state-dir
     without a DP ledger) and then takes part in `dp = false` runs only: None."""
-    if node_config.get("non-private", False):
+    if node_setting(node_config, "non-private"):
         return _non_private_site(run_config, node_config)
     if is_deployed(node_config) or "target-epsilon" in node_config:
         missing = [k for k in ("target-epsilon", "target-delta") if k not in node_config]
@@ -111,15 +142,16 @@ def site_budget(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -
         source = node_config
         max_run = node_config.get("max-run-epsilon", float(node_config["target-epsilon"]) / 4)
     else:
-        if not run_config.get("dp", True):
+        if not run_config["dp"]:
             return None
         source = run_config
         max_run = None
-    noise = float(run_config.get("noise-multiplier", 0.0))
+    noise = float(run_config["noise-multiplier"])
     return SiteBudget(target_epsilon=_number(source, "target-epsilon"), target_delta=_number(source, "target-delta"),
-                      accountant=str(source.get("accountant", "rdp")),
+                      accountant=str(source["accountant"] if source is run_config else
+                                     node_setting(node_config, "accountant")),
                       max_run_epsilon=None if max_run is None else float(max_run),
-                      min_records=int(node_config.get("min-records", 1)),
+                      min_records=int(node_setting(node_config, "min-records")),
                       max_grad_norm=_number(run_config, "max-grad-norm"), noise_multiplier=noise or None)
 
 
@@ -130,7 +162,7 @@ def _non_private_site(run_config: Mapping[str, Any], node_config: Mapping[str, A
     if budget_keys:
         raise ValueError(f"node_config sets non-private = true and {budget_keys}: a site either has a privacy "
                          f"budget or trains without DP, not both")
-    if run_config.get("dp", True):
+    if run_config["dp"]:
         raise ValueError("this site is non-private (node_config non-private = true) and the run asks dp = true: "
                          "a non-private site takes part in dp = false runs only")
     if "state-dir" in node_config and (state_dir(run_config, node_config, run_id="") / "ledger.jsonl").exists():
@@ -157,7 +189,7 @@ def run_request(run_config: Mapping[str, Any], train_config: Mapping[str, Any], 
 def site_ledger(run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int | str) -> PrivacyLedger:
     """The site's ledger; a deployed site's data-dir is bound to its state dir on the way (one
     folder of records, one ledger: privacy/identity.py bind_data_dir)."""
-    mirror = str(node_config.get("ledger-mirror-dir", ""))
+    mirror = str(node_setting(node_config, "ledger-mirror-dir"))
     folder = state_dir(run_config, node_config, run_id)
     if is_deployed(node_config):
         from shared_model.privacy.identity import bind_data_dir
@@ -176,22 +208,20 @@ def witnessed_head(train_config: Mapping[str, Any], site: str) -> tuple[str, int
 
 
 def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> LocalTraining:
-    shape = str(run_config.get("physical-batch-shape", "auto"))
-    if shape not in ("auto", "fixed", "variable"):
-        raise ValueError(f"physical-batch-shape must be auto, fixed or variable, got {shape!r}")
+    shape = str(run_config["physical-batch-shape"])
     if shape == "auto":
         import torch
 
         shape = "fixed" if torch.cuda.is_available() else "variable"
-    trainable, precision = str(run_config.get("trainable", "all")), str(run_config.get("precision", "fp32"))
+    trainable, precision = str(run_config["trainable"]), str(run_config["precision"])
     return LocalTraining(local_epochs=int(run_config["local-epochs"]), batch_size=int(run_config["batch-size"]),
                          lr=float(run_config["lr"]),
                          max_physical_batch_size=int(run_config["max-physical-batch-size"]),
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
                          fixed_batch_shapes=shape == "fixed", trainable=trainable,
                          grad_sample_mode=resolve_grad_sample_mode(
-                             str(run_config.get("grad-sample-mode", "hooks")),
-                             decoder=str(run_config.get("model-decoder", "transformer")), trainable=trainable,
+                             str(run_config["grad-sample-mode"]), decoder=str(run_config["model-decoder"]),
+                             trainable=trainable,
                              precision=precision),
                          precision=precision)
 

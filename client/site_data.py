@@ -46,7 +46,7 @@ def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num
     full = _embedded_train(int(run_config["train-size"]), seed, int(run_config["image-size"]))
     site = partition_caption_set(full, num_partitions, method=str(run_config["partitioner"]),
                                  alpha=float(run_config["dirichlet-alpha"]), seed=seed)[partition_id]
-    if run_config.get("feature-skew", False):
+    if run_config["feature-skew"]:
         profile = site_feature_skews(num_partitions, seed=seed)[partition_id]
         site.images = apply_feature_skew(site.images, kind=profile["kind"], strength=profile["strength"],
                                          seed=seed + partition_id)
@@ -59,19 +59,19 @@ def _with_canaries(train: CaptionSet, run_config: Mapping[str, Any], *, partitio
     """Privacy audit (docs/empirical-audit.md): with `canary-count` > 0, the site `canary-site`
     appends to its TRAIN split the canaries whose fair coin (from `canary-seed`) says "in". The
     held-out split and the server's evaluation set never hold canaries."""
-    count = int(run_config.get("canary-count", 0))
+    count = int(run_config["canary-count"])
     if count == 0:
         return train
     if count < 0:
         raise ValueError(f"canary-count must be >= 0, got {count}")
-    canary_site = int(run_config.get("canary-site", 0))
+    canary_site = int(run_config["canary-site"])
     if not 0 <= canary_site < num_partitions:
         raise ValueError(f"canary-site must be in [0, {num_partitions}), got {canary_site}")
     if partition_id != canary_site:
         return train
     from shared_model.evaluation.canaries import append_records, included_canaries
 
-    canaries = included_canaries(count, seed=int(run_config.get("canary-seed", 0)), image_size=train.images.shape[1])
+    canaries = included_canaries(count, seed=int(run_config["canary-seed"]), image_size=train.images.shape[1])
     return append_records(train, canaries)
 
 
@@ -86,8 +86,10 @@ def deployed_site_data(node_config: Mapping[str, Any], *, image_size: int,
 
     if "data-dir" not in node_config:
         raise ValueError("node_config has no 'data-dir' (start the SuperNode with --node-config \"data-dir=...\")")
-    fmt, root = str(node_config.get("dataset-format", "coco")), Path(str(node_config["data-dir"]))
-    skip_bad = bool(node_config.get("skip-bad-records", False))
+    from .settings import node_setting
+
+    fmt, root = str(node_setting(node_config, "dataset-format")), Path(str(node_config["data-dir"]))
+    skip_bad = bool(node_setting(node_config, "skip-bad-records"))
     if cache_dir is None or not root.is_dir():
         return _split_held_out(load_dataset_folder(fmt, root, image_size=image_size, skip_bad=skip_bad))
     from shared_model.data.loaders import parse_dataset_folder

@@ -38,7 +38,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from shared_model.run_settings import validate_run_config
+from shared_model.run_settings import simulation_only_overrides, validate_run_config
 from runners.flower_runtime import (ROOT, RunFailed, alive, default_run_config, flower_env, flwr_run,
                                                  free_port, stop_pids)
 from runners.progress import RoundLines
@@ -251,7 +251,11 @@ class LoopbackDeployment:
         config = {"output-dir": str(self.workdir / "server"), "min-train-nodes": self.num_sites,
                   "min-evaluate-nodes": self.num_sites, "min-available-nodes": self.num_sites, **(run_config or {})}
         config["output-dir"] = str(Path(str(config["output-dir"])).absolute())
-        validate_run_config({**default_run_config(), **config})  # the ServerApp's own schema, before Flower
+        defaults = default_run_config()
+        validate_run_config({**defaults, **config})  # the ServerApp's own schema, before Flower
+        for key, value in simulation_only_overrides(config, defaults).items():  # the sites ignore them: say so
+            print(f"warning: run-config {key} = {value!r} is simulation-only; deployed sites ignore it (their "
+                  f"node_config decides)", file=sys.stderr)
         run_id, status, log = flwr_run(config, self.env, timeout=timeout, stream_to=stream_to, connection=CONNECTION)
         run_dir = Path(config["output-dir"]) / f"run-{run_id}"
         if status != "finished:completed":

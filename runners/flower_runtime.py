@@ -6,7 +6,7 @@ simulations, the canary audit and the loopback deployment all need.
 - processes found through /proc and stopped by PID with their children, waiting until they exit;
 - `flwr run` under a timeout plus the run's real status from `flwr list` (`flwr run --stream`
   exits 0 even when the ServerApp failed);
-- the app's run-config defaults read from pyproject.toml.
+- the app's run-config defaults (shared_model/run_settings.py reads them from pyproject.toml).
 """
 
 from __future__ import annotations
@@ -21,20 +21,15 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
+
+from shared_model.run_settings import default_run_config  # noqa: F401 - the programs' one door to the defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the app's configuration --------------------------------------------------------------------
-
-def default_run_config(root: Path = ROOT) -> dict[str, Any]:
-    """`[tool.flwr.app.config]` of the app's pyproject.toml."""
-    with open(root / "pyproject.toml", "rb") as f:
-        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
-
 
 def eval_beam_size() -> int:
     """The server's `eval-beam-size`: the decoding every `fedcap` command scores and captions with by

@@ -41,11 +41,11 @@ def initial_model(run_config: Mapping[str, Any], vocab: Vocabulary) -> InitialMo
     from shared_model.model.trainable import check_trainable
     from shared_model.model.config import check_same_model
 
-    check_trainable(str(run_config.get("trainable", "all")))
-    resume, init = str(run_config.get("resume-from", "")), str(run_config.get("init-from", ""))
+    check_trainable(str(run_config["trainable"]))
+    resume, init = str(run_config["resume-from"]), str(run_config["init-from"])
     if resume and init:
         raise ValueError(f"give resume-from ({resume}) or init-from ({init}), not both")
-    vocab_file = str(run_config.get("vocab-file", ""))
+    vocab_file = str(run_config["vocab-file"])
     if resume or init:
         key, path = ("resume-from", resume) if resume else ("init-from", init)
         if not Path(path).expanduser().is_dir():

@@ -59,7 +59,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     outputs.save_run_config(dict(context.run_config))  # as resolved: every figure reproducible
     federation = FederationState(federation_state_path(rc))
     vocab_round = None
-    if rc.get("vocab-source") == "private":  # a DP vocabulary round before round 1 (server/private_vocab.py)
+    if rc["vocab-source"] == "private":  # a DP vocabulary round before round 1 (server/private_vocab.py)
         try:
             vocab_round = private_vocabulary(grid, rc, run_id=str(context.run_id), witness=federation)
         except VocabRoundFailed as e:  # what each site said is in the summary; nothing trained
@@ -74,7 +74,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
         write_init_record(outputs.dir, init)
         eval_set = server_eval_set(rc, image_size=model.config.image_size)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        start = "resume-from" if rc.get("resume-from") else "init-from" if rc.get("init-from") else ""
+        start = "resume-from" if rc["resume-from"] else "init-from" if rc["init-from"] else ""
         raise _refuse(f"{start + ': ' if start and not str(e).startswith(start) else ''}{e}") from None
     outputs.save_start(init)  # round-0000: a candidate for BEST, so a run never ends worse than it started
     signal = selection_signal(rc, records=len(eval_set))
@@ -84,7 +84,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
         strategy.node_site.update(vocab_round.node_site)
         strategy.failures += vocab_round.failures
 
-    gallery = Gallery(eval_set, outputs.dir / "gallery", size=rc.get("gallery-size", 6))
+    gallery = Gallery(eval_set, outputs.dir / "gallery", size=rc["gallery-size"])
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -107,7 +107,7 @@ def _run(grid: Grid, context: Context, rc: dict) -> None:
     try:
         strategy.start(grid=grid,
                        initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rc["num-server-rounds"],
-                       timeout=float(rc.get("round-timeout", 3600)),
+                       timeout=float(rc["round-timeout"]),
                        train_config=ConfigRecord({"server-round": 0, "init-checkpoint": init.sha256}),
                        evaluate_config=ConfigRecord(), evaluate_fn=evaluate_fn)
     except RoundFailed as e:

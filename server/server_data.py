@@ -17,7 +17,7 @@ from shared_model.data.vocab import Vocabulary
 def server_vocabulary(run_config: Mapping[str, Any]) -> Vocabulary:
     from shared_model.data.synthetic import synthetic_vocabulary
 
-    path = str(run_config.get("vocab-file", ""))
+    path = str(run_config["vocab-file"])
     return Vocabulary.load(Path(path).expanduser()) if path else synthetic_vocabulary()
 
 
@@ -25,12 +25,12 @@ def server_eval_set(run_config: Mapping[str, Any], *, image_size: int) -> Captio
     from shared_model.data.loaders import load_dataset_folder
     from shared_model.data.synthetic import load_embedded
 
-    path = str(run_config.get("server-eval-data", ""))
+    path = str(run_config["server-eval-data"])
     size = int(run_config["server-eval-size"])
     if size < 1:
         raise ValueError(f"server-eval-size must be >= 1, got {size}")
     if not path:
         return load_embedded("test", size, seed=int(run_config["seed"]), image_size=image_size)
-    data = load_dataset_folder(str(run_config.get("server-eval-format", "coco")), Path(path).expanduser(),
+    data = load_dataset_folder(str(run_config["server-eval-format"]), Path(path).expanduser(),
                                split="test", image_size=image_size)
     return data.subset(range(min(size, len(data))))

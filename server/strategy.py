@@ -81,13 +81,13 @@ class FedCapStrategy(Strategy):
     def from_run_config(cls, run_config: Mapping[str, Any], vocab_words: list[str], on_evaluate=None, *,
                         witness=None, run_id: str = "") -> "FedCapStrategy":
         return cls(build_strategy(run_config), vocab_words, on_evaluate, witness=witness, run_id=run_id,
-                   max_update_norm=float(run_config.get("max-update-norm", 0.0)),
-                   max_update_norm_ratio=float(run_config.get("max-update-norm-ratio", 10.0)),
-                   max_num_examples=int(run_config.get("max-num-examples", 10_000_000)),
-                   examples_cap_ratio=float(run_config.get("examples-cap-ratio", 4.0)),
-                   node_wait_timeout=float(run_config.get("node-wait-timeout", 600.0)),
-                   evaluate_in_train=bool(run_config.get("evaluate-in-train", True)),
-                   num_rounds=int(run_config.get("num-server-rounds", 0)))
+                   max_update_norm=float(run_config["max-update-norm"]),
+                   max_update_norm_ratio=float(run_config["max-update-norm-ratio"]),
+                   max_num_examples=int(run_config["max-num-examples"]),
+                   examples_cap_ratio=float(run_config["examples-cap-ratio"]),
+                   node_wait_timeout=float(run_config["node-wait-timeout"]),
+                   evaluate_in_train=bool(run_config["evaluate-in-train"]),
+                   num_rounds=int(run_config["num-server-rounds"]))
 
     @property
     def site_epsilon(self) -> dict[str, float]:

@@ -32,7 +32,7 @@ log = logging.getLogger("flwr")
 def federation_state_path(run_config: Mapping[str, Any]) -> Path:
     """`federation-state`, or <output-dir>/federation-state.json: beside the run folders, so it
     outlives every run."""
-    path = str(run_config.get("federation-state", ""))
+    path = str(run_config["federation-state"])
     return Path(path).expanduser().absolute() if path else \
         Path(str(run_config["output-dir"])).expanduser().absolute() / "federation-state.json"
 

@@ -6,25 +6,37 @@ runner and the tests all check settings here, with the same messages.
 `validate_run_config(run_config)` and `validate_node_config(node_config)` reject unknown keys, wrong
 types (TypeError) and values out of range (ValueError); each message names the key and the value,
 e.g. "lr must be a number > 0, got 'fast'". Both return a normalised copy (ints given for floats
-become floats). Run-config keys left out keep the pyproject defaults, so the run-config check
-does not require every key; the ServerApp gets a complete run config from Flower anyway.
+become floats).
+
+One default per setting. A run-config default lives only in pyproject.toml's
+[tool.flwr.app.config]: Flower hands the apps a complete run config, `default_run_config()` reads the
+same table (through this schema) for every program outside Flower, and `validate_run_config` refuses
+a run config that lacks a key, so no code reads a run-config key with a fallback of its own. A
+node_config default (a key a site may leave out) lives only in `NODE_CONFIG` (`Setting.default`);
+`validate_node_config` fills it in. Keys marked `simulation_only` (the simulated sites' data,
+budget, seeds and canaries) mean nothing to a deployed site: `simulation_only_overrides` names those
+a run config sets away from their defaults, for deployment tools to refuse and deployed sites to warn
+about.
 """
 
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
+from shared_model.data.formats import FORMATS as DATASET_FORMATS
 from shared_model.data.partition import METHODS as PARTITIONERS
 from shared_model.model.config import DECODERS, ENCODERS, FUSIONS
 from shared_model.model.precision import PRECISIONS, check_precision
-from shared_model.privacy.accounting import OPACUS_ACCOUNTANTS
+from shared_model.model.trainable import TRAINABLE
+from shared_model.privacy.accounting import DEFAULT_ACCOUNTANT, OPACUS_ACCOUNTANTS
 from shared_model.privacy.dp import GRAD_SAMPLE_CHOICES, check_grad_sample_mode
 
-DATASET_FORMATS = ("coco", "karpathy", "csv", "jsonl")  # shared_model.data.loaders.FORMATS, without PIL
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-TRAINABLE = ("all", "decoder", "fusion+decoder")
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"  # the app's, in a checkout and in a FAB
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class Setting:
     high_open: bool = False
     choices: tuple[str, ...] = ()
     nonempty: bool = False
+    default: Any = None  # node_config only: the value of a key the site leaves out (None: none)
+    simulation_only: bool = False  # run config only: meaningless to a deployed site
 
     def describe(self) -> str:
         if self.kind is bool:
@@ -88,8 +102,8 @@ class Setting:
         return value
 
 
-def _int(low: int | None = None, high: int | None = None) -> Setting:
-    return Setting(int, low=low, high=high)
+def _int(low: int | None = None, high: int | None = None, **kw: Any) -> Setting:
+    return Setting(int, low=low, high=high, **kw)
 
 
 def _float(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -104,8 +118,11 @@ FRACTION = _float(0.0, 1.0)
 BOOL, STR = Setting(bool), Setting(str)
 
 
-def _choice(*choices: str) -> Setting:
-    return Setting(str, choices=tuple(choices))
+def _choice(*choices: str, **kw: Any) -> Setting:
+    return Setting(str, choices=tuple(choices), **kw)
+
+
+SIM_BOOL, SIM_STR = Setting(bool, simulation_only=True), Setting(str, simulation_only=True)
 
 
 RUN_CONFIG: dict[str, Setting] = {
@@ -136,24 +153,24 @@ RUN_CONFIG: dict[str, Setting] = {
     "precision": _choice(*PRECISIONS),
     "gallery-size": _int(0),
     "lr": POSITIVE,
-    "seed": _int(0),
+    "seed": _int(0, simulation_only=True),
     "init-from": STR,
     "trainable": _choice(*TRAINABLE),
     # differential privacy
     "dp": BOOL,
     "noise-multiplier": NON_NEGATIVE,
     "max-grad-norm": POSITIVE,
-    "target-epsilon": POSITIVE,
-    "target-delta": PROBABILITY_OPEN,
-    "accountant": _choice(*OPACUS_ACCOUNTANTS),
+    "target-epsilon": Setting(float, low=0.0, low_open=True, simulation_only=True),
+    "target-delta": Setting(float, low=0.0, high=1.0, low_open=True, high_open=True, simulation_only=True),
+    "accountant": _choice(*OPACUS_ACCOUNTANTS, simulation_only=True),
     "run-epsilon": POSITIVE,
     "count-noise-multiplier": _float(1.0),
     "federation-state": STR,
     # data
-    "partitioner": _choice(*PARTITIONERS),
-    "dirichlet-alpha": POSITIVE,
-    "feature-skew": BOOL,
-    "train-size": _int(1),
+    "partitioner": _choice(*PARTITIONERS, simulation_only=True),
+    "dirichlet-alpha": Setting(float, low=0.0, low_open=True, simulation_only=True),
+    "feature-skew": SIM_BOOL,
+    "train-size": _int(1, simulation_only=True),
     "server-eval-size": _int(1),
     "server-eval-data": STR,
     "server-eval-format": _choice(*DATASET_FORMATS),
@@ -178,15 +195,15 @@ RUN_CONFIG: dict[str, Setting] = {
     "model-max-len": _int(3),
     # outputs, state, time limits
     "output-dir": Setting(str, nonempty=True),
-    "site-state-dir": STR,
+    "site-state-dir": SIM_STR,
     "resume-from": STR,
     "evaluate-in-train": BOOL,
     "round-timeout": POSITIVE,
     "node-wait-timeout": POSITIVE,
     # empirical privacy audit
-    "canary-count": _int(0),
-    "canary-seed": _int(0),
-    "canary-site": _int(0),
+    "canary-count": _int(0, simulation_only=True),
+    "canary-seed": _int(0, simulation_only=True),
+    "canary-site": _int(0, simulation_only=True),
 }
 
 NODE_CONFIG: dict[str, Setting] = {
@@ -196,21 +213,22 @@ NODE_CONFIG: dict[str, Setting] = {
     "num-partitions": _int(1),     # simulation (set by Flower)
     # data and state (deployment)
     "data-dir": Setting(str, nonempty=True),
-    "dataset-format": _choice(*DATASET_FORMATS),
-    "skip-bad-records": BOOL,
+    "dataset-format": _choice(*DATASET_FORMATS, default="coco"),
+    "skip-bad-records": Setting(bool, default=False),
     "state-dir": Setting(str, nonempty=True),
-    "non-private": BOOL,          # deployment: the site trains without DP (dp = false runs only)
-    "ledger-mirror-dir": STR,
+    "non-private": Setting(bool, default=False),  # deployment: the site trains without DP (dp = false runs only)
+    "ledger-mirror-dir": Setting(str, default=""),
     "cache-dir": Setting(str, nonempty=True),  # decoded records (private images), never sent
     "decode-workers": _int(1),  # processes for the first decode of data-dir into the store (default: all cores)
-    "share-held-out-metrics": BOOL,  # deployed DP site: send held-out caption metrics (no epsilon covers them)
-    "min-records": _int(1),
+    # a deployed DP site sends its held-out caption metrics (no epsilon covers them) only when true
+    "share-held-out-metrics": Setting(bool, default=False),
+    "min-records": _int(1, default=1),
     "num-threads": _int(1),
     # the site's own privacy budget (only the site sets it)
     "target-epsilon": POSITIVE,
     "target-delta": PROBABILITY_OPEN,
     "max-run-epsilon": POSITIVE,
-    "accountant": _choice(*OPACUS_ACCOUNTANTS),
+    "accountant": _choice(*OPACUS_ACCOUNTANTS, default=DEFAULT_ACCOUNTANT),
 }
 
 
@@ -225,44 +243,67 @@ def _validate(settings: Mapping[str, Any], schema: Mapping[str, Setting], what: 
     return {key: schema[key].check(key, value) for key, value in settings.items()}
 
 
+SIMULATION_ONLY = tuple(k for k, setting in RUN_CONFIG.items() if setting.simulation_only)
+NODE_DEFAULTS = {k: setting.default for k, setting in NODE_CONFIG.items() if setting.default is not None}
+
+
+def default_run_config(path: str | Path = PYPROJECT) -> dict[str, Any]:
+    """[tool.flwr.app.config] of the app's pyproject.toml, validated: every run-config default."""
+    with open(path, "rb") as f:
+        return validate_run_config(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def simulation_only_overrides(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+                              ) -> dict[str, Any]:
+    """The simulation-only keys `run_config` sets away from their defaults (key: value)."""
+    defaults = default_run_config() if defaults is None else defaults
+    return {k: run_config[k] for k in SIMULATION_ONLY if k in run_config and run_config[k] != defaults[k]}
+
+
 def validate_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The run config, checked key by key and across keys; a normalised copy."""
+    """The complete run config, checked key by key and across keys; a normalised copy. A missing
+    key is an error: start from `default_run_config()` and override."""
     rc = _validate(run_config, RUN_CONFIG, "run-config")
-    if "model-d-model" in rc and "model-num-heads" in rc and rc["model-d-model"] % rc["model-num-heads"]:
+    missing = sorted(set(RUN_CONFIG) - set(rc))
+    if missing:
+        raise ValueError(f"run-config lacks {missing}: pyproject.toml [tool.flwr.app.config] holds every key's "
+                         f"default (start from shared_model.run_settings.default_run_config())")
+    if rc["model-d-model"] % rc["model-num-heads"]:
         raise ValueError(f"model-d-model must be divisible by model-num-heads ({rc['model-num-heads']}), "
                          f"got {rc['model-d-model']}")
-    if rc.get("model-encoder-weights") and rc.get("model-encoder", "cnn") == "cnn":
+    if rc["model-encoder-weights"] and rc["model-encoder"] == "cnn":
         raise ValueError(f"model-encoder-weights is for a torchvision model-encoder ({', '.join(ENCODERS[1:])}), got "
                          f"model-encoder 'cnn' with weights {rc['model-encoder-weights']!r}")
-    if rc.get("grad-sample-mode", "auto") != "auto":  # ghost clipping refuses the LSTM decoder
-        check_grad_sample_mode(rc["grad-sample-mode"], decoder=rc.get("model-decoder"))
-    if "precision" in rc:  # bf16 autocast refuses ghost clipping's bfloat16 norms
-        check_precision(rc["precision"], grad_sample_mode=rc.get("grad-sample-mode", "hooks"))
-    if rc.get("init-from") and rc.get("resume-from"):
+    if rc["grad-sample-mode"] != "auto":  # ghost clipping refuses the LSTM decoder
+        check_grad_sample_mode(rc["grad-sample-mode"], decoder=rc["model-decoder"])
+    # bf16 autocast refuses ghost clipping's bfloat16 norms
+    check_precision(rc["precision"], grad_sample_mode=rc["grad-sample-mode"])
+    if rc["init-from"] and rc["resume-from"]:
         raise ValueError(f"init-from and resume-from exclude each other, got init-from {rc['init-from']!r} and "
                          f"resume-from {rc['resume-from']!r}")
-    if rc.get("vocab-source") == "private":
-        clash = [f"{k} {rc[k]!r}" for k in ("vocab-file", "init-from", "resume-from") if rc.get(k)]
+    if rc["vocab-source"] == "private":
+        clash = [f"{k} {rc[k]!r}" for k in ("vocab-file", "init-from", "resume-from") if rc[k]]
         if clash:
             raise ValueError(f"vocab-source 'private' builds the vocabulary from the sites' released counts and a "
                              f"fresh model; it excludes {', '.join(clash)}")
-        if rc.get("dp") is False:
+        if rc["dp"] is False:
             raise ValueError("vocab-source 'private' spends the sites' privacy budgets and needs dp = true, got "
                              "dp = false")
     return rc
 
 
 def validate_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A site's node_config, checked key by key; it must name the site (site-name or partition-id)
-    and its data (data-dir, or partition-id with num-partitions in simulation)."""
-    nc = _validate(node_config, NODE_CONFIG, "node_config")
+    """A site's node_config, checked key by key, with the defaults of the keys it leaves out
+    (`NODE_DEFAULTS`); it must name the site (site-name or partition-id) and its data (data-dir, or
+    partition-id with num-partitions in simulation)."""
+    nc = {**NODE_DEFAULTS, **_validate(node_config, NODE_CONFIG, "node_config")}
     if "site-name" not in nc and "partition-id" not in nc:
         raise ValueError(f"node_config must hold 'site-name' (deployment) or 'partition-id' (simulation), "
                          f"got keys {sorted(nc)}")
     if "data-dir" not in nc and not {"partition-id", "num-partitions"} <= set(nc):
         raise ValueError(f"node_config must hold 'data-dir' (deployment) or 'partition-id' and 'num-partitions' "
                          f"(simulation), got keys {sorted(nc)}")
-    if "data-dir" in nc and "state-dir" not in nc and not nc.get("non-private", False):
+    if "data-dir" in nc and "state-dir" not in nc and not nc["non-private"]:
         raise ValueError(f"node_config has data-dir {nc['data-dir']!r} but no 'state-dir': a deployed site keeps its "
                          f"privacy ledger in a folder of its own, which no run-config value can replace")
     if "partition-id" in nc and "num-partitions" in nc and nc["partition-id"] >= nc["num-partitions"]:

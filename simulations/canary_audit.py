@@ -60,7 +60,7 @@ def theoretical_epsilon(run_dir: Path, run_config: dict[str, Any], num_sites: in
     ledger = PrivacyLedger(path)
     records = [r for r in ledger.records() if r["kind"] == "dp-sgd"]
     if not records:
-        if run_config.get("dp", True):
+        if run_config["dp"]:
             raise RuntimeError(f"DP run but no ledger records at {path}: the canary site never trained")
         return {"epsilon": math.inf, "delta": float(run_config["target-delta"]), "accountant": None, "rounds": 0}
     histories, _ = build_histories(ledger.records(), ledger.membership)
@@ -105,7 +105,7 @@ def audit_run(run_dir: Path) -> dict[str, Any]:
     else:
         verdict = "consistent: lower bound <= theoretical epsilon"
     return {
-        "run_dir": str(run_dir), "checkpoint": latest, "dp": bool(run_config.get("dp", True)),
+        "run_dir": str(run_dir), "checkpoint": latest, "dp": bool(run_config["dp"]),
         "m": m, "canary_seed": seed, "canary_site": int(run_config["canary-site"]), "included": int(included.sum()),
         "k_plus": result.best.k_plus, "k_minus": result.best.k_minus, "guesses": result.best.guesses,
         "correct": result.best.correct, "confidence": CONFIDENCE, "guess_counts_tried": len(result.tried),

@@ -35,8 +35,8 @@ def pretrain_for(run_config: Mapping[str, Any], *, cache: Path = CACHE, log: Cal
     """(checkpoint, pretraining result) for the model the run config describes; cached."""
     from runners.pretrain import cached_pretrain, pretrain_config
 
-    base = {"model": model_overrides(run_config), "seed": int(run_config.get("seed", 0)),
-            "test_size": int(run_config.get("server-eval-size", 500))}
+    base = {"model": model_overrides(run_config), "seed": int(run_config["seed"]),
+            "test_size": int(run_config["server-eval-size"])}
     cfg = pretrain_config(**{**base, **overrides})
     return cached_pretrain(cfg, cache, log=log)
 

@@ -52,7 +52,7 @@ def test_training_with_fixed_shapes_sees_one_shape_and_counts_only_real_rows():
     model.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[0]))
     loader = DataLoader(TensorDataset(images, captions), batch_size=12)
     _, private, optimizer, loader = make_private(module=model, optimizer=torch.optim.AdamW(model.parameters()),
-                                                 data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+                                                 data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant="prv")
     stats = train_epoch(private, optimizer, loader, device="cpu", max_physical_batch_size=16,
                         fixed_batch_shapes=True)
     assert set(shapes) == {16} and stats["steps"] == 5  # Poisson batches of any size, one shape

@@ -12,6 +12,7 @@ from shared_model.model.captioner import Captioner, caption_loss
 from shared_model.model.trainable import parameter_group, set_trainable
 from shared_model.model.training import train_epoch
 from shared_model.model.captioner import unwrap
+from shared_model.run_settings import default_run_config
 from shared_model.privacy.dp import check_grad_sample_mode, make_private
 
 MODES = ("hooks", "ghost")
@@ -44,7 +45,7 @@ def _dp_step(mode, model, images, captions, *, max_grad_norm, trainable="all", p
     loader = DataLoader(TensorDataset(images, captions), batch_size=images.shape[0])  # expected batch = all rows
     _, private, optimizer, _ = make_private(module=model, optimizer=torch.optim.SGD(params, lr=1.0),
                                             data_loader=loader, noise_multiplier=1.0, max_grad_norm=max_grad_norm,
-                                            grad_sample_mode=mode)
+                                            grad_sample_mode=mode, accountant="prv")
     optimizer.noise_multiplier = 0.0  # make_private refuses noise 0; the test wants the bare clipped sum
     assert optimizer.expected_batch_size == images.shape[0]
     before = [p.detach().clone() for p in model.parameters()]
@@ -140,7 +141,7 @@ def test_an_empty_poisson_batch_is_a_counted_noise_only_step(mode, fixed):
     engine, private, optimizer, _ = make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
         data_loader=DataLoader(TensorDataset(images, captions), batch_size=3), noise_multiplier=1.0,
-        max_grad_norm=1.0, grad_sample_mode=mode)
+        max_grad_norm=1.0, grad_sample_mode=mode, accountant="prv")
     before = [p.detach().clone() for p in model.parameters()]
     stats = train_epoch(private, optimizer, _empty_loader(images, captions), device="cpu",
                         max_physical_batch_size=4, fixed_batch_shapes=fixed)
@@ -160,7 +161,7 @@ def test_ghost_refuses_the_lstm_decoder_up_front():
     with pytest.raises(ValueError, match="grad-sample-mode 'ghost' cannot train the 'lstm' decoder"):
         make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                      data_loader=DataLoader(TensorDataset(images, captions), batch_size=2), noise_multiplier=1.0,
-                     max_grad_norm=1.0, grad_sample_mode="ghost")
+                     max_grad_norm=1.0, grad_sample_mode="ghost", accountant="prv")
     assert not hasattr(unwrap(model), "_module")
 
 
@@ -178,7 +179,7 @@ def test_a_site_round_trains_with_ghost_clipping_from_the_run_config(tmp_path, t
     from shared_model.privacy.ledger import PrivacyLedger
     from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
-    training = local_training({"local-epochs": 1, "batch-size": 16, "lr": 1e-3, "max-physical-batch-size": 12,
+    training = local_training({**default_run_config(), "local-epochs": 1, "batch-size": 16, "lr": 1e-3, "max-physical-batch-size": 12,
                                "physical-batch-shape": "fixed", "trainable": trainable,
                                "grad-sample-mode": "ghost"}, {})
     assert training.grad_sample_mode == "ghost" and training.fixed_batch_shapes
@@ -209,7 +210,8 @@ def test_a_site_round_trains_with_ghost_clipping_from_the_run_config(tmp_path, t
 def test_auto_grad_sample_mode_picks_ghost_only_where_it_pays_and_works(decoder, trainable, precision, expected):
     from client.settings import local_training
 
-    rc = {"local-epochs": 1, "batch-size": 16, "lr": 1e-3, "max-physical-batch-size": 16, "trainable": trainable,
+    rc = {**default_run_config(), "local-epochs": 1, "batch-size": 16, "lr": 1e-3, "max-physical-batch-size": 16,
+          "trainable": trainable,
           "grad-sample-mode": "auto", "model-decoder": decoder, "precision": precision}
     assert local_training(rc, {}).grad_sample_mode == expected
     from shared_model.run_settings import validate_run_config

@@ -39,7 +39,7 @@ def test_every_combination_validates_and_trains_under_opacus(encoder, decoder, f
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine, private, optimizer, loader = make_private(
         module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(images, captions), batch_size=4),
-        noise_multiplier=1.0, max_grad_norm=1.0)
+        noise_multiplier=1.0, max_grad_norm=1.0, accountant="prv")
     for x, y in loader:
         optimizer.zero_grad()
         _, loss = private(x, y)

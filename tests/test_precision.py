@@ -11,7 +11,7 @@ from test_ghost import _close, _dp_step, _reference_norms_and_step
 
 from shared_model.model.precision import resolve_precision
 from shared_model.model.training import train_epoch
-from shared_model.run_settings import validate_run_config
+from shared_model.run_settings import default_run_config, validate_run_config
 
 setup = test_ghost.setup  # the same model, batch and clip (half the captions clipped)
 
@@ -51,10 +51,10 @@ def test_precision_resolution_and_refusals():
     with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', 'auto', got 'fp16'"):
         resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="precision must be one of .*got 'half'"):
-        validate_run_config({"precision": "half"})
+        validate_run_config({**default_run_config(), "precision": "half"})
     with pytest.raises(ValueError, match="precision 'bf16' cannot run with grad-sample-mode 'ghost'"):
-        validate_run_config({"precision": "bf16", "grad-sample-mode": "ghost"})
-    assert validate_run_config({"precision": "auto", "grad-sample-mode": "ghost"})
+        validate_run_config({**default_run_config(), "precision": "bf16", "grad-sample-mode": "ghost"})
+    assert validate_run_config({**default_run_config(), "precision": "auto", "grad-sample-mode": "ghost"})
 
 
 def test_settings_check_does_not_import_torch():
@@ -63,7 +63,7 @@ def test_settings_check_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, shared_model.run_settings as s; s.validate_run_config({'precision': 'bf16'}); "
+    code = ("import sys, shared_model.run_settings as s; s.validate_run_config({**s.default_run_config(), 'precision': 'bf16'}); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -53,7 +53,7 @@ def _opacus_step(spec):
     loader = DataLoader(CaptionDataset(data, synthetic_vocabulary(), max_len=cfg.max_len), batch_size=8)
     optimizer = torch.optim.SGD(params, lr=0.1)
     _, dp_model, dp_optimizer, dp_loader = make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                        noise_multiplier=1.0, max_grad_norm=1.0)
+                                                        noise_multiplier=1.0, max_grad_norm=1.0, accountant="prv")
     images, captions = next(b for b in dp_loader if len(b[0]))
     dp_optimizer.zero_grad()
     _, loss = dp_model(images, captions)

@@ -60,7 +60,7 @@ def test_ledger_accumulates_per_record_across_rounds_runs_and_restarts(tmp_path)
     first = record_round(path, EVENT, RECORDS, server_round=1)
     other = record_round(path, EVENT, ["new-1", "new-2"], server_round=2)  # other records: theirs only
     second = record_round(path, EVENT, RECORDS, run_id="run-2", server_round=1)  # a new run, a new process
-    expected = compute_epsilon([EVENT] * 2, target_delta=DELTA)
+    expected = compute_epsilon([EVENT] * 2, target_delta=DELTA, accountant="prv")
     assert second["epsilon"] == pytest.approx(expected) and second["epsilon"] > first["epsilon"]
     assert other["epsilon"] == pytest.approx(first["epsilon"])
     ledger = PrivacyLedger(path)
@@ -138,7 +138,7 @@ def _v1_ledger(path, events):
         r = {"format": "fedcap-ledger/1", "run_id": "old", "server_round": k, "dataset_fingerprint": "fp",
              "sample_rate": e.sample_rate, "noise_multiplier": e.noise_multiplier, "steps": e.steps,
              "max_grad_norm": 1.0, "target_epsilon": 8.0, "target_delta": DELTA, "accountant": "prv",
-             "epsilon": compute_epsilon(events[:k], target_delta=DELTA), "time": "2026-11-01T00:00:00Z",
+             "epsilon": compute_epsilon(events[:k], target_delta=DELTA, accountant="prv"), "time": "2026-11-01T00:00:00Z",
              "prev_hash": prev}
         r["hash"] = record_hash(r)
         prev = r["hash"]
@@ -165,6 +165,6 @@ def test_an_old_ledger_is_refused_then_migrated_conservatively(tmp_path, capsys)
     ids = load_dataset_folder("coco", data_dir, image_size=32).record_ids()
     assert {histories.group_of[rid] for rid in ids} == {histories.group_of[ids[0]]}  # every record charged
     assert histories.epsilon(histories.group_of[ids[0]], target_delta=DELTA, accountant="prv") == pytest.approx(
-        compute_epsilon(events, target_delta=DELTA))
+        compute_epsilon(events, target_delta=DELTA, accountant="prv"))
     assert (state / "ledger.v1.jsonl").is_file()
     assert main(["ledger", "migrate", str(state), "--data-dir", str(data_dir)]) == 2  # only once

@@ -3,8 +3,9 @@ value named, node_config is checked the same way, and the simulation runner uses
 
 import pytest
 
-from shared_model.run_settings import NODE_CONFIG, RUN_CONFIG, validate_node_config, validate_run_config
-from runners.flower_runtime import default_run_config
+from shared_model.privacy.accounting import DEFAULT_ACCOUNTANT
+from shared_model.run_settings import (NODE_CONFIG, NODE_DEFAULTS, RUN_CONFIG, SIMULATION_ONLY, default_run_config,
+                                       simulation_only_overrides, validate_node_config, validate_run_config)
 from simulations.run import load_scenario
 
 # issue 12's bad settings (plus num-server-rounds = 0 and an unknown key): key, value, what the message says
@@ -34,7 +35,7 @@ def test_every_pyproject_key_is_in_the_schema_and_the_defaults_pass():
     assert set(defaults) <= set(RUN_CONFIG)
     assert "dataset" not in defaults  # read nowhere: removed
     checked = validate_run_config(defaults)
-    assert checked["lr"] == defaults["lr"] and isinstance(validate_run_config({"lr": 1})["lr"], float)
+    assert checked["lr"] == defaults["lr"] and isinstance(validate_run_config({**default_run_config(), "lr": 1})["lr"], float)
 
 
 @pytest.mark.parametrize("key, value, message", BAD_RUN_CONFIG, ids=[f"{k}={v!r}" for k, v, _ in BAD_RUN_CONFIG])
@@ -48,24 +49,24 @@ def test_bad_run_config_is_refused_naming_key_and_value(key, value, message):
 
 
 def test_keys_added_by_the_privacy_and_init_work_are_known():
-    rc = validate_run_config({"run-epsilon": 2, "federation-state": "", "init-from": "ckpt",
+    rc = validate_run_config({**default_run_config(), "run-epsilon": 2, "federation-state": "", "init-from": "ckpt",
                               "trainable": "fusion+decoder"})
     assert rc["run-epsilon"] == 2.0
     with pytest.raises(ValueError, match="trainable must be one of 'all', 'decoder', 'fusion\\+decoder', got 'head'"):
-        validate_run_config({"trainable": "head"})
+        validate_run_config({**default_run_config(), "trainable": "head"})
     with pytest.raises(ValueError, match="run-epsilon must be a number > 0, got 0"):
-        validate_run_config({"run-epsilon": 0})
+        validate_run_config({**default_run_config(), "run-epsilon": 0})
 
 
 def test_cross_key_checks_name_both_keys():
     with pytest.raises(ValueError, match="model-d-model must be divisible by model-num-heads \\(3\\), got 32"):
-        validate_run_config({"model-d-model": 32, "model-num-heads": 3})
+        validate_run_config({**default_run_config(), "model-d-model": 32, "model-num-heads": 3})
     with pytest.raises(ValueError, match="init-from and resume-from"):
-        validate_run_config({"init-from": "a", "resume-from": "b"})
+        validate_run_config({**default_run_config(), "init-from": "a", "resume-from": "b"})
     with pytest.raises(ValueError, match="grad-sample-mode 'ghost' cannot train the 'lstm' decoder"):
         validate_run_config({**default_run_config(), "grad-sample-mode": "ghost", "model-decoder": "lstm"})
-    assert validate_run_config({"grad-sample-mode": "ghost", "model-decoder": "transformer"})
-    assert validate_run_config({"grad-sample-mode": "hooks", "model-decoder": "lstm"})
+    assert validate_run_config({**default_run_config(), "grad-sample-mode": "ghost", "model-decoder": "transformer"})
+    assert validate_run_config({**default_run_config(), "grad-sample-mode": "hooks", "model-decoder": "lstm"})
 
 
 def test_node_config_schema():
@@ -74,7 +75,10 @@ def test_node_config_schema():
             "ledger-mirror-dir": "", "accountant": "rdp", "skip-bad-records": True}
     assert set(site) <= set(NODE_CONFIG)
     assert validate_node_config(site)["target-epsilon"] == 4.0
-    assert validate_node_config({"partition-id": 1, "num-partitions": 2}) == {"partition-id": 1, "num-partitions": 2}
+    # the keys a site leaves out get the schema's defaults, the one place a node_config default lives
+    assert validate_node_config({"partition-id": 1, "num-partitions": 2}) == {"partition-id": 1, "num-partitions": 2,
+                                                                             **NODE_DEFAULTS}
+    assert NODE_DEFAULTS["accountant"] == DEFAULT_ACCOUNTANT == default_run_config()["accountant"]
     cases = [({**site, "target-epsilon": -1.0}, "target-epsilon must be a number > 0, got -1.0"),
              ({**site, "target-delta": 1.0}, "target-delta must be a number in (0, 1), got 1.0"),
              ({**site, "min-records": 0}, "min-records must be an integer >= 1, got 0"),
@@ -106,3 +110,41 @@ def test_scenario_files_are_checked_with_the_same_schema(tmp_path):
     broken.write_text("lr = = 0.1\n")
     with pytest.raises(ValueError, match=f"scenario file {broken} is not valid TOML"):
         load_scenario([broken])
+
+
+def test_a_run_config_lacking_a_key_is_refused_by_name():
+    """pyproject.toml holds every run-config default; a run config without a key is an error, not a
+    fallback written in code."""
+    partial = {k: v for k, v in default_run_config().items() if k != "lr"}
+    with pytest.raises(ValueError, match=r"run-config lacks \['lr'\]"):
+        validate_run_config(partial)
+    assert set(default_run_config()) == set(RUN_CONFIG)  # every schema key has its one default
+
+
+def test_simulation_only_keys_are_named_and_overrides_found():
+    assert {"seed", "partitioner", "train-size", "site-state-dir", "canary-count", "target-epsilon"} <= \
+        set(SIMULATION_ONLY)
+    assert "lr" not in SIMULATION_ONLY and "run-epsilon" not in SIMULATION_ONLY  # the sites use these
+    rc = {**default_run_config(), "seed": 3, "lr": 0.1, "target-epsilon": 100.0}
+    assert simulation_only_overrides(rc) == {"seed": 3, "target-epsilon": 100.0}
+    assert simulation_only_overrides(default_run_config()) == {}
+
+
+def test_no_code_reads_a_run_config_key_with_a_fallback_of_its_own():
+    """One default per setting: `run_config.get("lr", 3e-3)` would be a second one. Scan the apps,
+    the library and the programs for a .get(<run-config key>, <default>) on a run config (a message's
+    config, such as the proximal-mu FedProx sends, is what the server sent, not a setting's default)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("shared_model", "client", "server", "runners", "simulations", "deploy"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                        and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)
+                        and node.args[0].value in RUN_CONFIG
+                        and ast.unparse(node.func.value) in ("run_config", "rc", "context.run_config")):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found

@@ -7,15 +7,14 @@ import pytest
 from conftest import tiny_config
 
 from client.settings import site_budget, witnessed_head
-from shared_model.run_settings import validate_node_config
+from shared_model.run_settings import default_run_config, validate_node_config
 from client.trainer import LocalTraining, train_round
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
 from shared_model.privacy.history import build_histories
 from shared_model.privacy.ledger import PrivacyLedger
 from shared_model.privacy.ledger_lines import LedgerRollbackError, ledger_head
-from shared_model.privacy.site_budget import BudgetExhaustedError
-from shared_model.privacy.site_budget import RunRequest, SiteBudget
+from shared_model.privacy.site_budget import BudgetExhaustedError, RunRequest, SiteBudget
 
 VOCAB = synthetic_vocabulary()
 TRAINING = LocalTraining(local_epochs=1, batch_size=16, lr=1e-3)
@@ -155,7 +154,7 @@ def test_the_witness_travels_in_the_train_config():
 
 
 def test_in_deployment_only_the_site_sets_its_budget():
-    run_config = {"dp": False, "target-epsilon": 100.0, "target-delta": 0.9, "accountant": "prv",
+    run_config = {**default_run_config(), "dp": False, "target-epsilon": 100.0, "target-delta": 0.9, "accountant": "prv",
                   "max-grad-norm": 1.0, "noise-multiplier": 0.0}
     node = {"data-dir": "/data", "state-dir": "/state", "target-epsilon": 6.0, "target-delta": 1e-6}
     budget = site_budget(run_config, node)
@@ -176,7 +175,7 @@ def test_a_delta_above_one_over_n_is_refused(tmp_path):
 def test_a_non_private_deployed_site_is_the_sites_own_choice(tmp_path):
     """Issue 13: the documented non-private baseline. Only the site's node_config can opt out; such
     a site has no budget, joins dp = false runs only, and never shares a state-dir with a DP ledger."""
-    run_config = {"dp": False, "max-grad-norm": 1.0, "noise-multiplier": 0.0}
+    run_config = {**default_run_config(), "dp": False, "max-grad-norm": 1.0, "noise-multiplier": 0.0}
     node = {"site-name": "a", "data-dir": "/data", "state-dir": str(tmp_path / "np"), "non-private": True}
     assert site_budget(run_config, node) is None
     with pytest.raises(ValueError, match=r"run asks dp = true"):

@@ -168,12 +168,12 @@ def test_the_server_merges_releases_by_summed_noisy_count():
 
 
 def test_run_config_private_vocabulary_excludes_other_vocabulary_sources():
-    from shared_model.run_settings import validate_run_config
+    from shared_model.run_settings import default_run_config, validate_run_config
 
-    assert validate_run_config({"vocab-source": "private", "vocab-delta": 1e-7})["vocab-source"] == "private"
+    assert validate_run_config({**default_run_config(), "vocab-source": "private", "vocab-delta": 1e-7})["vocab-source"] == "private"
     with pytest.raises(ValueError, match="excludes init-from '/ckpt'"):
-        validate_run_config({"vocab-source": "private", "init-from": "/ckpt"})
+        validate_run_config({**default_run_config(), "vocab-source": "private", "init-from": "/ckpt"})
     with pytest.raises(ValueError, match="needs dp = true, got dp = false"):
-        validate_run_config({"vocab-source": "private", "dp": False})
+        validate_run_config({**default_run_config(), "vocab-source": "private", "dp": False})
     with pytest.raises(ValueError, match="vocab-source must be one of 'server', 'private', got 'sites'"):
-        validate_run_config({"vocab-source": "sites"})
+        validate_run_config({**default_run_config(), "vocab-source": "sites"})

@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .formats import FORMATS
 from .records import CaptionSet, SkippedRecord
 from .vocab import tokenize
 
-FORMATS = ("coco", "karpathy", "csv", "jsonl")
 KARPATHY_SPLITS = ("train", "val", "test")  # "train" includes "restval" (Karpathy convention)
 IMAGE_COLUMNS = ("image", "image_path", "file_name")  # accepted names of a table's image column
 _TABLE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".jsonlines": "jsonl"}

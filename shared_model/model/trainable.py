@@ -15,7 +15,10 @@ never changes them. A config with freeze_encoder keeps its encoder backbone froz
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch only for annotations: the settings schema reads TRAINABLE without torch
+    from torch import nn
 
 TRAINABLE = ("all", "decoder", "fusion+decoder")
 _GROUPS = {"all": {"encoder", "fusion", "decoder"}, "decoder": {"decoder"}, "fusion+decoder": {"fusion", "decoder"}}

@@ -35,6 +35,9 @@ from typing import Callable, Iterable, Sequence
 
 ACCOUNTANTS = ("prv", "rdp", "pld", "dp-rdp")
 OPACUS_ACCOUNTANTS = ACCOUNTANTS[:2]  # the ones an Opacus PrivacyEngine can attach to an optimizer
+# What a site enforces with when it names none (node_config; pyproject's `accountant` for simulated
+# sites is the same, held by tests/test_run_settings.py): RDP, whose filter is sound for adaptive runs.
+DEFAULT_ACCOUNTANT = "rdp"
 
 
 def check_accountant(name: str, allowed: Sequence[str] = ACCOUNTANTS) -> str:
@@ -150,12 +153,12 @@ def merge_events(events: Iterable[DPSGDEvent]) -> tuple[DPSGDEvent, ...]:
     return tuple(DPSGDEvent(sample_rate=q, noise_multiplier=s, steps=n) for q, s, n in signature(events))
 
 
-def compute_epsilon(events: Iterable[DPSGDEvent], *, target_delta: float, accountant: str = "prv") -> float:
+def compute_epsilon(events: Iterable[DPSGDEvent], *, target_delta: float, accountant: str) -> float:
     """Epsilon at `target_delta` of the composition of all `events` (0.0 for none)."""
     return signature_epsilon(signature(events), target_delta=target_delta, accountant=accountant)
 
 
-def signature_epsilon(sig: Signature, *, target_delta: float, accountant: str = "prv") -> float:
+def signature_epsilon(sig: Signature, *, target_delta: float, accountant: str) -> float:
     """Epsilon at `target_delta` of the composition a signature stands for (0.0 for none)."""
     check_accountant(accountant)
     if not 0 < target_delta < 1:
@@ -251,7 +254,7 @@ def smallest_noise(cost: Callable[[float], float], target: float, *, what: str, 
 
 
 def calibrate_after(*, prior: Sequence[DPSGDEvent], sample_rate: float, steps: int, target_epsilon: float,
-                    target_delta: float, accountant: str = "rdp", max_noise: float = 1e3) -> float:
+                    target_delta: float, accountant: str, max_noise: float = 1e3) -> float:
     """The smallest noise multiplier (to 0.1% relative) whose `steps` Poisson-sampled Gaussian steps
     at `sample_rate`, composed after the mechanisms `prior`, stay within (target_epsilon,
     target_delta) under `accountant`; ValueError when none up to `max_noise` fits."""

@@ -77,7 +77,7 @@ def resolve_grad_sample_mode(mode: str, *, decoder: str, trainable: str = "all",
 
 
 def check_dp_args(*, max_grad_norm: float, target_delta: float, noise_multiplier: float | None = None,
-                  target_epsilon: float | None = None, accountant: str = "prv") -> None:
+                  target_epsilon: float | None = None, accountant: str) -> None:
     """Raise ValueError naming the first bad DP setting."""
     if accountant not in OPACUS_ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {OPACUS_ACCOUNTANTS}, got {accountant!r}")
@@ -103,7 +103,7 @@ def poisson_plan(*, num_records: int, batch_size: int, epochs: int) -> tuple[flo
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                               accountant: str = "prv") -> float:
+                               accountant: str) -> float:
     """Smallest noise multiplier whose `steps`-fold composition of the Poisson-sampled Gaussian
     (rate `sample_rate`) stays within (target_epsilon, target_delta) under `accountant`.
 
@@ -124,7 +124,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
 
 
 def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader, noise_multiplier: float,
-                 max_grad_norm: float, accountant: str = "prv", grad_sample_mode: str = "hooks",
+                 max_grad_norm: float, accountant: str, grad_sample_mode: str = "hooks",
                  noise_generator=None, poisson_sampling: bool = True):
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling.
 
@@ -167,7 +167,7 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
 
 def plan_dp_sgd(*, num_records: int, batch_size: int, epochs: int, target_delta: float, plan_epochs: int | None = None,
                 noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                accountant: str = "prv") -> DPSGDEvent:
+                accountant: str) -> DPSGDEvent:
     """The DP-SGD event of `epochs` epochs over `num_records` records in Poisson batches of expected
     size `batch_size`, fixed before any data is touched. The noise multiplier is `noise_multiplier`,
     or the smallest one whose `plan_epochs` epochs (the whole plan; default `epochs`) stay within
@@ -183,7 +183,7 @@ def plan_dp_sgd(*, num_records: int, batch_size: int, epochs: int, target_delta:
 
 
 def private_training(*, module: nn.Module, optimizer: Optimizer, dataset, event: DPSGDEvent, epochs: int,
-                     expected_batch_size: float, max_grad_norm: float, accountant: str = "prv",
+                     expected_batch_size: float, max_grad_norm: float, accountant: str,
                      grad_sample_mode: str = "hooks", sampling_generator=None, noise_generator=None):
     """`make_private` for a planned `event` over `dataset`: Opacus's Poisson loader at exactly the
     event's sample rate, taking exactly event.steps / epochs steps per epoch, and the noisy sum

@@ -1,9 +1,9 @@
 """The federation state file: the server's witness of each site's ledger head, kept across runs
 (server/witness.py decides what to keep; this module alone reads and writes the file).
 
-File (`fedcap-federation-state/1`, JSON): {"format", "sites": {name: {"head", "lines", "run_id",
-"server_round", "time"}}} (format /1 named "lines" "records"; it is read as well), written atomically (util.atomic_write: fsynced, renamed). The heads are
-hashes: they reveal nothing about the records.
+File (`fedcap-federation-state/2`, JSON): {"format", "sites": {name: {"head", "lines", "run_id",
+"server_round", "time"}}}, written atomically (util.atomic_write: fsynced, renamed). Format /1 named
+"lines" "records"; it is read as well. The heads are hashes: they reveal nothing about the records.
 """
 
 from __future__ import annotations

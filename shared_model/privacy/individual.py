@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-from shared_model.privacy.accounting import (DPSGDEvent, Signature, add_to_signature, compute_epsilon, dominates, signature,
-                         signature_epsilon)
+from shared_model.privacy.accounting import (DPSGDEvent, Signature, add_to_signature, compute_epsilon, dominates,
+                                             signature, signature_epsilon)
 
 
 class RecordHistories:

@@ -36,8 +36,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from shared_model.privacy.accounting import (OPACUS_ACCOUNTANTS, DPSGDEvent, calibrate_after, check_accountant, compute_epsilon,
-                         conversion_cost, filter_order, gaussian_event, rdp_at, smallest_noise)
+from shared_model.privacy.accounting import (DEFAULT_ACCOUNTANT, OPACUS_ACCOUNTANTS, DPSGDEvent, calibrate_after,
+                                             check_accountant, compute_epsilon, conversion_cost, filter_order,
+                                             gaussian_event, rdp_at, smallest_noise)
 from shared_model.privacy.dp import poisson_plan
 from shared_model.privacy.individual import RecordHistories, conversion_delta, projected_epsilons
 
@@ -59,7 +60,7 @@ class SiteBudget:
 
     target_epsilon: float
     target_delta: float
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT
     max_run_epsilon: float | None = None  # the site's own cap on one run's allowance
     min_records: int = 1
     max_grad_norm: float = 1.0
