@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 from shared_model.data.records import CaptionSet
+from shared_model.util import atomic_write
 
 
 def write_coco_folder(data: CaptionSet, folder: str | Path) -> Path:
@@ -32,9 +32,7 @@ def write_coco_folder(data: CaptionSet, folder: str | Path) -> Path:
         Image.fromarray(pixels).save(folder / "images" / name)
         images.append({"id": k, "file_name": name})
         annotations += [{"id": len(annotations), "image_id": k, "caption": c} for c in captions]
-    tmp = folder / ".captions.json.tmp"
-    tmp.write_text(json.dumps({"images": images, "annotations": annotations}))
-    os.replace(tmp, folder / "captions.json")
+    atomic_write(folder / "captions.json", json.dumps({"images": images, "annotations": annotations}).encode("utf-8"))
     return folder
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared_model.data.vocab import Vocabulary
+from shared_model.util import atomic_write
 
 
 @dataclass(frozen=True)
@@ -69,5 +70,5 @@ def initial_model(run_config: Mapping[str, Any], vocab: Vocabulary) -> InitialMo
 def write_init_record(run_dir: Path, init: InitialModel) -> Path:
     """<run folder>/init_checkpoint.json: where the federation's weights came from."""
     path = Path(run_dir) / "init_checkpoint.json"
-    path.write_text(json.dumps(init.record(), indent=2) + "\n", encoding="utf-8")
+    atomic_write(path, (json.dumps(init.record(), indent=2) + "\n").encode("utf-8"))
     return path

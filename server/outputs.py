@@ -27,7 +27,7 @@ class RunOutputs:
 
     def save_run_config(self, run_config: dict[str, Any]) -> Path:
         path = self.dir / "run_config.json"
-        path.write_text(json.dumps(json_safe(run_config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        atomic_write(path, (json.dumps(json_safe(run_config), indent=2, sort_keys=True) + "\n").encode("utf-8"))
         return path
 
     def log_round(self, row: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared_model.util import atomic_write
+from shared_model.util import atomic_replace, atomic_write
 
 from .checks import check_int
 from .loaders import ParsedRecords, _BadRecord, _check_image_size, load_image, select_records
@@ -229,9 +229,7 @@ def _compact(tmp: Path, rows: list[int], *, image_size: int) -> Path:
 def _commit(stem: str | Path, tmp: Path, *, image_size: int, captions, image_ids, digests, skipped) -> None:
     """fsync and rename the .npy, then write the .json (the commit mark) atomically."""
     npy, meta_path = store_paths(stem)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, npy)
+    atomic_replace(tmp, npy)
     meta = {"format": STORE_FORMAT, "image_size": image_size, "count": len(image_ids),
             "npy_bytes": npy.stat().st_size, "image_ids": list(image_ids), "captions": [list(c) for c in captions],
             "source_digests": None if digests is None else list(digests),

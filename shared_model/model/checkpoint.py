@@ -7,8 +7,6 @@ half-written file under a checkpoint name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CaptionerConfig
-from .captioner import Captioner
 from shared_model.data.vocab import Vocabulary
-from shared_model.model.captioner import unwrap
+from shared_model.util import atomic_file, atomic_write
+
+from .captioner import Captioner, unwrap
+from .config import CaptionerConfig
 
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,9 +36,11 @@ def save_checkpoint(directory: str | Path, model: nn.Module, vocab: Vocabulary,
     if config.vocab_size != len(vocab):
         raise ValueError(f"model vocab_size {config.vocab_size} != vocabulary size {len(vocab)}")
     doc = {"format": "fedcap-checkpoint/1", "model": config.to_dict(), "metadata": metadata or {}}
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(model_state(model), p))
-    _atomic_write(directory / VOCAB, lambda p: vocab.save(p))
-    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(doc, indent=2, sort_keys=True)))
+    with atomic_file(directory / WEIGHTS) as tmp:
+        save_file(model_state(model), tmp)
+    with atomic_file(directory / VOCAB) as tmp:
+        vocab.save(tmp)
+    atomic_write(directory / CONFIG, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8"))
     return directory
 
 

@@ -149,14 +149,10 @@ def release_count(*, histories: RecordHistories, record_ids: Sequence[str], budg
     """The run's count: the records whose epsilon after one Gaussian release (sensitivity 1) stays
     within budget are counted, and their number plus `gauss(sigma)` is released (`gauss` draws
     N(0, sigma^2) from the site's generator). The caller writes it to the ledger before it is used."""
-    event = gaussian_event(noise_multiplier=request.count_noise_multiplier)
-    by_group = histories.groups_of(record_ids)
-    projected = projected_epsilons(histories, sorted(by_group), event, target_delta=budget.target_delta,
-                                   accountant=budget.enforcing)
-    counted = [g for g, eps in projected.items() if eps <= budget.target_epsilon]
-    members = sorted(rid for g in counted for rid in by_group[g])
-    return CountRelease(members=members, noisy_count=len(members) + gauss(request.count_noise_multiplier),
-                        epsilon=max((projected[g] for g in counted), default=0.0))
+    members, epsilon = admitted(histories, record_ids, gaussian_event(noise_multiplier=request.count_noise_multiplier),
+                                budget)
+    return CountRelease(members=sorted(members), noisy_count=len(members) + gauss(request.count_noise_multiplier),
+                        epsilon=epsilon)
 
 
 def run_spend(events: Sequence[DPSGDEvent], *, accountant: str, target_epsilon: float, target_delta: float,
@@ -271,19 +267,33 @@ def plan_round(*, histories: RecordHistories, grant: dict[str, Any], record_ids:
     if run_after > grant["granted_epsilon"] * (1 + 1e-6):
         raise _refuse(budget, f"run {run_id}: round {server_round} would bring the run's spend to epsilon "
                               f"{run_after:.4g}, past its grant of {grant['granted_epsilon']:.4g}")
-    by_group = histories.groups_of(record_ids)
-    projected = projected_epsilons(histories, sorted(by_group), event, target_delta=budget.target_delta,
-                                   accountant=budget.enforcing)
-    active = sorted(g for g, eps in projected.items() if eps <= budget.target_epsilon)
-    if not active:
-        spent = max((histories.epsilon(g, target_delta=budget.target_delta, accountant=budget.enforcing)
-                     for g in by_group if g >= 0), default=0.0)
+    train_ids, epsilon_trained = admitted(histories, record_ids, event, budget)
+    if not train_ids:
         raise _refuse(budget, f"privacy budget exhausted: none of this site's records can train round {server_round} "
                               f"of run {run_id} without exceeding target_epsilon {budget.target_epsilon} (delta "
-                              f"{budget.target_delta:g})", spent)
-    train_ids = [rid for g in active for rid in by_group[g]]
+                              f"{budget.target_delta:g})", spent_so_far(histories, record_ids, budget))
     return RoundPlan(event=event, train_ids=train_ids, retired=len(record_ids) - len(train_ids),
-                     epsilon_trained=max(projected[g] for g in active), run_epsilon_after=run_after)
+                     epsilon_trained=epsilon_trained, run_epsilon_after=run_after)
+
+
+def admitted(histories: RecordHistories, record_ids: Sequence[str], event: DPSGDEvent, budget: SiteBudget, *,
+             extra_delta: float = 0.0) -> tuple[list[str], float]:
+    """The individual filter, the one rule every mechanism of a site passes (a training round, a
+    vocabulary release): the records of `record_ids` whose epsilon after `event` (plus `extra_delta`
+    beyond the accountant's delta) stays within target_epsilon under the enforcing accountant, and
+    the largest such epsilon (0.0 when none). The others are retired from this mechanism: they take
+    no part in it, so it costs them nothing (individual.py; Feldman & Zrnic 2021)."""
+    by_group = histories.groups_of(record_ids)
+    projected = projected_epsilons(histories, sorted(by_group), event, target_delta=budget.target_delta,
+                                   accountant=budget.enforcing, extra_delta=extra_delta)
+    active = sorted(g for g, eps in projected.items() if eps <= budget.target_epsilon)
+    return [rid for g in active for rid in by_group[g]], max((projected[g] for g in active), default=0.0)
+
+
+def spent_so_far(histories: RecordHistories, record_ids: Sequence[str], budget: SiteBudget) -> float:
+    """The largest epsilon any record of `record_ids` has spent (what a refusal reports)."""
+    return max((histories.epsilon(g, target_delta=budget.target_delta, accountant=budget.enforcing)
+                for g in histories.groups_of(record_ids) if g >= 0), default=0.0)
 
 
 def public_epsilon(events: Sequence[DPSGDEvent], extra_delta: float, budget: SiteBudget) -> float:

@@ -48,9 +48,8 @@ from statistics import NormalDist
 from typing import Any, Sequence
 
 from shared_model.privacy.accounting import DPSGDEvent, gaussian_event
-from shared_model.privacy.individual import projected_epsilons
 from shared_model.privacy.ledger import LedgerTransaction
-from shared_model.privacy.site_budget import BudgetExhaustedError, SiteBudget, run_spend
+from shared_model.privacy.site_budget import BudgetExhaustedError, SiteBudget, admitted, run_spend, spent_so_far
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,17 +152,12 @@ def release_vocabulary(*, tx: LedgerTransaction, record_ids: Sequence[str], capt
             raise refuse(f"run {run_id}'s releases would cost epsilon {run_after:.4g} with this one "
                          f"(vocab-noise-multiplier {release.noise_multiplier:g}), not below {name} {cap:g}: no "
                          f"allowance would be left for training")
-    by_group = histories.groups_of(record_ids)
-    projected = projected_epsilons(histories, sorted(by_group), event, target_delta=delta, accountant=acc,
-                                   extra_delta=release.threshold_delta)
-    active = [g for g, eps in projected.items() if eps <= budget.target_epsilon]
-    members = {rid for g in active for rid in by_group[g]}
+    admitted_ids, epsilon = admitted(histories, record_ids, event, budget, extra_delta=release.threshold_delta)
+    members = set(admitted_ids)
     if len(members) < budget.min_records:
-        spent = max((histories.epsilon(g, target_delta=delta, accountant=acc) for g in by_group if g >= 0),
-                    default=0.0)
         raise refuse(f"privacy budget exhausted: only {len(members)} of {len(record_ids)} records can be counted "
                      f"without exceeding target_epsilon {budget.target_epsilon} (delta {delta:g}); min-records is "
-                     f"{budget.min_records}", spent)
+                     f"{budget.min_records}", spent_so_far(histories, record_ids, budget))
     counted = [caps for rid, caps in zip(record_ids, captions) if rid in members]
     rng = random.Random(seed) if seed is not None else random.SystemRandom()
     counts = clipped_counts(counted, max_words=release.max_words_per_record, seed=rng.randrange(2**32))
@@ -173,7 +167,7 @@ def release_vocabulary(*, tx: LedgerTransaction, record_ids: Sequence[str], capt
         noise_multiplier=release.noise_multiplier, max_words_per_record=release.max_words_per_record,
         threshold=release.threshold, threshold_delta=release.threshold_delta, words_released=len(released),
         target_epsilon=budget.target_epsilon, target_delta=delta, accountant=acc,
-        epsilon=max(projected[g] for g in active))
+        epsilon=epsilon)
     return released, line
 
 
