@@ -78,14 +78,17 @@ def centralized(init, data, test, vocab, *, epochs, lr, eps, device, seed, meteo
 
 
 def federated(init, sites, test, vocab, *, rounds, local_epochs, lr, eps, device, seed, meteor, state):
-    from client.trainer import LocalTraining, train_round
+    from client.settings import local_training
+    from client.trainer import train_round
+    from shared_model.run_settings import default_run_config
     from shared_model.model.captioner import Captioner
     from shared_model.model.checkpoint import model_state
     from shared_model.privacy.ledger import PrivacyLedger
     from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
     model = init().to(device)
-    training = LocalTraining(local_epochs=local_epochs, batch_size=BATCH, lr=lr, max_physical_batch_size=256)
+    training = local_training({**default_run_config(), "local-epochs": local_epochs, "batch-size": BATCH, "lr": lr,
+                               "max-physical-batch-size": 256}, {})
     budget = SiteBudget(target_epsilon=eps, target_delta=1e-5, accountant="rdp") if eps else None
     run = f"bench-{time.time_ns()}"
     request = RunRequest(run_id=run, run_epsilon=eps, num_rounds=rounds, local_epochs=local_epochs,

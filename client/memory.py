@@ -2,10 +2,10 @@
 
 Flower's simulation runs every site's messages in a few long-lived Ray actors. glibc keeps the heap
 pages freed after a message (the variable-sized Poisson batches and Opacus's per-sample gradients
-of each message's fresh model) for reuse, so an actor's resident memory grew to 4-6 GB over a
-16-site run. `release_memory` is a ClientApp mod that, after a simulated site's message, asks glibc
-to return free pages to the system (`malloc_trim`): the actors then stayed under 2.5 GB and the
-machine's peak use fell from 15.3 to 6.4 GB (docs/results.md). A deployed site's ClientApp process
+of each message's fresh model) for reuse, so an actor's resident memory grew with every message it
+served. `release_memory` is a ClientApp mod that, after a simulated site's message, asks glibc
+to return free pages to the system (`malloc_trim`); what that saved in the 16-site run:
+docs/results.md, "Scale: 16 and 64 simulated sites". A deployed site's ClientApp process
 exits after its message, so it is skipped there."""
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ def _split_held_out(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
 @lru_cache(maxsize=1)
 def _embedded_train(size: int, seed: int, image_size: int) -> CaptionSet:
     """The generated training split, kept in the process between messages: a simulation actor
-    serves many sites of one run, and each cut its partition from a fresh copy (0.6 s per message
-    at 6,400 records; uint8 images, 79 MB). Deterministic in its arguments; never modified (the
-    partitions are copies)."""
+    serves many sites of one run, and each cut its partition from a fresh copy (what that cost:
+    docs/results.md, "Scale: 16 and 64 simulated sites"). Deterministic in its arguments; never
+    modified (the partitions are copies)."""
     from shared_model.data.synthetic import load_embedded
 
     return load_embedded("train", size, seed=seed, image_size=image_size)

@@ -31,6 +31,7 @@ from shared_model.data.datasets import CaptionDataset
 from shared_model.data.records import CaptionSet
 from shared_model.data.vocab import Vocabulary
 from shared_model.model.captioner import Captioner, unwrap
+from shared_model.model.optimizers import OPTIMIZERS, make_optimizer
 from shared_model.model.precision import check_precision
 from shared_model.model.trainable import check_trainable, set_trainable
 from shared_model.model.training import train_epoch
@@ -47,17 +48,21 @@ from shared_model.privacy.site_budget import (RunRequest, SiteBudget, make_grant
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LocalTraining:
+    """A site's local training, as client/settings.local_training resolves it from the run config
+    (pyproject.toml holds every default; nothing here has one of its own)."""
+
     local_epochs: int
     batch_size: int
     lr: float
-    max_physical_batch_size: int = 128
-    proximal_mu: float = 0.0  # FedProx: after each step, w -= lr * mu * (w - w_global)
-    fixed_batch_shapes: bool = False  # DP: pad every physical batch to max_physical_batch_size (GPU)
-    trainable: str = "all"  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
-    grad_sample_mode: str = "hooks"  # DP: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on a GPU); shared_model.model.resolve_precision
+    optimizer: str  # adamw | sgd (momentum 0.9); a fresh optimizer state every round
+    max_physical_batch_size: int
+    fixed_batch_shapes: bool  # DP: pad every physical batch to max_physical_batch_size (GPU)
+    trainable: str  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
+    grad_sample_mode: str  # DP: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
+    precision: str  # fp32 | bf16 (autocast) | auto (bf16 on a GPU); shared_model.model.precision.resolve_precision
+    proximal_mu: float = 0.0  # FedProx's, from the train message (0: no proximal term)
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
@@ -67,6 +72,8 @@ class LocalTraining:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         check_trainable(self.trainable)
         check_grad_sample_mode(self.grad_sample_mode)
         check_precision(self.precision, grad_sample_mode=self.grad_sample_mode)
@@ -157,7 +164,7 @@ def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: Loca
     model.to(device).train()
     params = set_trainable(model, training.trainable)  # before make_private: frozen = no grad, no noise
     global_weights = [p.detach().clone() for p in model.parameters()] if training.proximal_mu else None
-    optimizer = torch.optim.AdamW(params, lr=training.lr)
+    optimizer = make_optimizer(training.optimizer, params, lr=training.lr)
     wrapped = model
     if event is not None:
         _, wrapped, optimizer, loader = private_training(

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from shared_model.data.formats import FORMATS as DATASET_FORMATS
 from shared_model.data.partition import METHODS as PARTITIONERS
 from shared_model.model.config import DECODERS, ENCODERS, FUSIONS
+from shared_model.model.optimizers import OPTIMIZERS
 from shared_model.model.precision import PRECISIONS, check_precision
 from shared_model.model.trainable import TRAINABLE
 from shared_model.privacy.accounting import DEFAULT_ACCOUNTANT, OPACUS_ACCOUNTANTS
@@ -153,6 +154,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "precision": _choice(*PRECISIONS),
     "gallery-size": _int(0),
     "lr": POSITIVE,
+    "optimizer": _choice(*OPTIMIZERS),
     "seed": _int(0, simulation_only=True),
     "init-from": STR,
     "trainable": _choice(*TRAINABLE),

@@ -7,7 +7,8 @@ import torch
 from conftest import rewrite_ledger, tiny_config
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from client.trainer import LocalTraining, train_round
+from client.settings import local_training
+from client.trainer import train_round
 from shared_model.data.datasets import CaptionDataset
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
@@ -18,6 +19,9 @@ from shared_model.privacy.history import build_histories
 from shared_model.privacy.ledger import PrivacyLedger
 from shared_model.audit.ledger_audit import audit
 from shared_model.privacy.site_budget import RunRequest, SiteBudget, run_plan
+from shared_model.run_settings import default_run_config
+
+TRAINING = local_training({**default_run_config(), "local-epochs": 1, "batch-size": 16, "lr": 1e-3}, {})
 
 VOCAB = synthetic_vocabulary()
 BUDGET = SiteBudget(target_epsilon=4.0, target_delta=1e-3, accountant="rdp")
@@ -70,7 +74,7 @@ def site_ledger(tmp_path, rounds=2):
                          count_noise_multiplier=5.0)
     for rnd in range(1, rounds + 1):
         model = Captioner(tiny_config(vocab_size=len(VOCAB), max_len=20))
-        train_round(model=model, data=data, vocab=VOCAB, training=LocalTraining(local_epochs=1, batch_size=16, lr=1e-3),
+        train_round(model=model, data=data, vocab=VOCAB, training=TRAINING,
                     budget=BUDGET, ledger=ledger, request=request, server_round=rnd, seed=0)
     return ledger
 
@@ -176,7 +180,7 @@ def test_a_record_keeps_its_history_through_ordinary_edits(tmp_path):
     request = RunRequest(run_id="r2", run_epsilon=1.0, num_rounds=1, local_epochs=1, batch_size=16,
                          count_noise_multiplier=5.0)
     train_round(model=Captioner(tiny_config(vocab_size=len(VOCAB), max_len=20)), data=grown, vocab=VOCAB,
-                training=LocalTraining(local_epochs=1, batch_size=16, lr=1e-3), budget=BUDGET, ledger=ledger,
+                training=TRAINING, budget=BUDGET, ledger=ledger,
                 request=request, server_round=1, seed=0)
     after = _trained_ids(ledger)
     new = set(after.group_of) - set(before.group_of)

@@ -10,7 +10,9 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from client.trainer import LocalTraining, train_round
+from client.trainer import train_round
+from client.settings import local_training
+from shared_model.run_settings import default_run_config
 from deploy.site_folders import write_coco_folder
 from shared_model.data.datasets import CaptionDataset
 from shared_model.data.loaders import CaptionDataError, load_dataset_folder, parse_dataset_folder
@@ -154,8 +156,9 @@ def test_a_dp_round_trains_from_the_store_with_fixed_shapes(folder, tmp_path):
                          count_noise_multiplier=5.0)
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     metrics = train_round(model=model, data=train, vocab=VOCAB, ledger=ledger, request=request, server_round=1,
-                          training=LocalTraining(local_epochs=1, batch_size=8, lr=1e-3, max_physical_batch_size=4,
-                                                 fixed_batch_shapes=True),
+                          training=local_training({**default_run_config(), "local-epochs": 1, "batch-size": 8,
+                                                   "lr": 1e-3, "max-physical-batch-size": 4,
+                                                   "physical-batch-shape": "fixed"}, {}),
                           budget=SiteBudget(target_epsilon=4.0, target_delta=1e-3, accountant="rdp"), seed=0)
     assert metrics["steps"] >= 1 and 0 < metrics["epsilon"] <= 4.0
     fresh_train, _ = hash_split(load_dataset_folder("coco", folder, image_size=32))

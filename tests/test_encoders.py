@@ -10,7 +10,9 @@ import torch
 from conftest import tiny_config
 from opacus.validators import ModuleValidator
 
-from client.trainer import LocalTraining, train_round
+from client.trainer import train_round
+from client.settings import local_training
+from shared_model.run_settings import default_run_config
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
 from shared_model.model.checkpoint import load_checkpoint, save_checkpoint
@@ -50,8 +52,9 @@ def dp_round(model, tmp_path, trainable="all"):
                          count_noise_multiplier=5.0)
     return train_round(model=model, data=data, vocab=VOCAB, ledger=PrivacyLedger(tmp_path / "ledger.jsonl"),
                        request=request, server_round=1, seed=0,
-                       training=LocalTraining(local_epochs=1, batch_size=4, lr=1e-3, max_physical_batch_size=4,
-                                              trainable=trainable),
+                       training=local_training({**default_run_config(), "local-epochs": 1, "batch-size": 4, "lr": 1e-3,
+                                                "max-physical-batch-size": 4, "trainable": trainable,
+                                                "grad-sample-mode": "hooks"}, {}),
                        budget=SiteBudget(target_epsilon=4.0, target_delta=1e-3, accountant="rdp"))
 
 

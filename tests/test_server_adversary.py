@@ -6,7 +6,9 @@ import torch
 from conftest import tiny_config
 
 from client.settings import mechanism_seed, shares_held_out_metrics, state_dir
-from client.trainer import LocalTraining, train_round
+from client.trainer import train_round
+from client.settings import local_training
+from shared_model.run_settings import default_run_config
 from shared_model.privacy.reply import TRAIN_METRICS
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
@@ -16,7 +18,7 @@ from shared_model.privacy.site_budget import RunRequest, SiteBudget
 from shared_model.run_settings import validate_node_config
 
 VOCAB = synthetic_vocabulary()
-TRAINING = LocalTraining(local_epochs=1, batch_size=16, lr=1e-3)
+TRAINING = local_training({**default_run_config(), "local-epochs": 1, "batch-size": 16, "lr": 1e-3}, {})
 BUDGET = SiteBudget(target_epsilon=4.0, target_delta=1e-3, accountant="rdp")
 DEPLOYED = {"site-name": "a", "data-dir": "/data", "state-dir": "/state", "target-epsilon": 4.0, "target-delta": 1e-3}
 

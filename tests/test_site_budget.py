@@ -8,7 +8,8 @@ from conftest import tiny_config
 
 from client.settings import site_budget, witnessed_head
 from shared_model.run_settings import default_run_config, validate_node_config
-from client.trainer import LocalTraining, train_round
+from client.trainer import train_round
+from client.settings import local_training
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.model.captioner import Captioner
 from shared_model.privacy.history import build_histories
@@ -17,7 +18,7 @@ from shared_model.privacy.ledger_lines import LedgerRollbackError, ledger_head
 from shared_model.privacy.site_budget import BudgetExhaustedError, RunRequest, SiteBudget
 
 VOCAB = synthetic_vocabulary()
-TRAINING = LocalTraining(local_epochs=1, batch_size=16, lr=1e-3)
+TRAINING = local_training({**default_run_config(), "local-epochs": 1, "batch-size": 16, "lr": 1e-3}, {})
 BUDGET = SiteBudget(target_epsilon=3.0, target_delta=1e-3, accountant="rdp")
 
 

@@ -58,8 +58,8 @@ def filter_order(target_epsilon: float, target_delta: float) -> float:
     """The Rényi order at which a site with budget (target_epsilon, target_delta) enforces its
     filter: the order of Opacus's grid that is best for a reference DP-SGD plan (Poisson rate 0.05,
     500 steps) calibrated to exactly that budget. It depends on the budget alone, so it is fixed
-    before the site's first mechanism, as the Rényi filter theorem requires (docs/privacy.md: it
-    costs 0.1-1.2% more noise than the best order chosen after the fact)."""
+    before the site's first mechanism, as the Rényi filter theorem requires (docs/privacy.md; what it
+    costs in noise against the best order chosen after the fact: docs/results.md)."""
     import numpy as np
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as analysis

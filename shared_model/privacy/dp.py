@@ -9,7 +9,7 @@ steps compose; accounting is done by Opacus's accountant attached to the optimiz
 default: tight, and agrees with dp_accounting's PLD; "rdp" is looser but conservative). Opacus's
 "gdp" accountant under-reports epsilon and is refused here.
 
-The model's loss must be a per-example mean (see `model.caption_loss`); Opacus's
+The model's loss must be a per-example mean (see `caption_loss`, model/captioner.py); Opacus's
 `loss_reduction="mean"` then recovers each example's own gradient before clipping.
 
 Two ways to get the per-example norms (`grad_sample_mode`), one mechanism and one accounting:
@@ -67,9 +67,8 @@ def resolve_grad_sample_mode(mode: str, *, decoder: str, trainable: str = "all",
     transformer, the encoder is frozen (`trainable` "decoder" or "fusion+decoder": the trainable
     layers are then nearly all Linear and Embedding, which Opacus's ghost norms cover) and
     precision is not bf16 (refused with ghost). Hooks when the CNN encoder trains: Opacus 1.6 has no
-    ghost norms for Conv2d, so ghost's second backward costs more than it saves (CPU, batch 64:
-    2.44x against hooks' 2.23x the plain step; with the encoder frozen ghost 1.31x time and 1.38x
-    memory, hooks 1.41x and 2.27x: docs/results.md)."""
+    ghost norms for Conv2d, so ghost's second backward costs more than it saves (measured on the
+    CPU: docs/results.md, "The cost of privacy on the CPU")."""
     if mode == "auto":
         ghost = decoder in GHOST_DECODERS and trainable != "all" and precision != "bf16"
         return "ghost" if ghost else "hooks"
