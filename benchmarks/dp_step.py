@@ -10,10 +10,10 @@ For each decoder (transformer, lstm) it times the median step (after warm-up) of
   plain    non-private AdamW on fixed batches;
   poisson  DP-SGD as the site trainer runs it: Poisson-sampled batches (a new shape every step);
   fixed    the same Poisson sampling, every physical batch padded to one shape (masked rows,
-           `shared_model.model.pad_batch`; max physical batch = 1.25 x the expected batch);
+           `shared_model.model.training.pad_batch`; max physical batch = 1.25 x the expected batch);
 each DP row once per grad-sample mode (hooks: Opacus's per-sample gradients; ghost: Opacus's ghost
 clipping, refused for the LSTM decoder, printed as such with the reason), and prints time and
-memory ratios against plain. Every step is `shared_model.model.train_epoch` on one batch, the loop
+memory ratios against plain. Every step is `shared_model.model.training.train_epoch` on one batch, the loop
 the sites run. Memory: torch's peak allocation on a GPU; on the CPU, the peak resident memory a
 fresh subprocess gains during its steps. The plain step is timed again after each decoder's DP rows:
 a large drift means the machine was shared and the wall-clock ratios are rough. The CPU-time ratio

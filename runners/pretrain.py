@@ -3,7 +3,7 @@ fine-tune under DP (`init-from`).
 
 It touches no site's records, so it spends no site privacy budget; the privacy guarantee of the
 federation is about the sites' records only, given this public starting point. Defaults are sized
-for the 2-core main job (about 5 minutes on an idle machine, 2.6 ms per example): 20,000 public scenes (the embedded
+for the 2-core main job (its time: docs/results.md, "The main job"): 20,000 public scenes (the embedded
 generator's public variant), 6 epochs, batch 64, lr 3e-3 with cosine decay, scored on the embedded
 test split the federation's server also uses.
 

@@ -24,7 +24,7 @@ from typing import Any
 from runners.flower_runtime import ROOT, stop_superlink, superlink_pids
 from simulations.run import run_simulation
 
-# What differs from pyproject's defaults: a small federation (2 sites of ~600 records) and enough
+# What differs from pyproject's defaults: a small federation (2 sites of ~400 records) and enough
 # local epochs that a non-private model memorizes its canaries; DP keeps the default budget
 # (target-epsilon 8, delta 1e-5), calibrated over this whole plan.
 AUDIT_CONFIG: dict[str, Any] = {
