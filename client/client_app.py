@@ -54,8 +54,9 @@ def train(msg: Message, context: Context) -> Message:
     from shared_model.model.checkpoint import model_state
     from shared_model.privacy.site_budget import BudgetExhaustedError
 
-    from .settings import (ledger_is_ephemeral, local_training, mechanism_seed, run_request, shares_held_out_metrics,
-                           site_budget, site_data, site_ledger, site_name, warn_simulation_only, witnessed_head)
+    from .settings import (data_cache_dir, ledger_is_ephemeral, local_training, mechanism_seed, run_request,
+                           shares_held_out_metrics, site_budget, site_data, site_ledger, site_name,
+                           warn_simulation_only, witnessed_head)
     from .trainer import train_round
 
     rc, config = context.run_config, msg.content["config"]
@@ -83,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
                               request=run_request(rc, config, context.run_id) if budget else None,
                               server_round=int(config["server-round"]),
                               witness=None if ephemeral else witnessed_head(config, name), device=device,
-                              seed=mechanism_seed(rc, nc))
+                              seed=mechanism_seed(rc, nc), feature_cache_dir=data_cache_dir(nc))
     except BudgetExhaustedError as e:
         e.args = (f"site {name}: {e} (what next: docs/privacy.md, 'When the budget is spent')",)
         log.warning("%s", e)

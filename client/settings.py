@@ -221,9 +221,8 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
                          fixed_batch_shapes=shape == "fixed", trainable=trainable,
                          grad_sample_mode=resolve_grad_sample_mode(
                              str(run_config["grad-sample-mode"]), decoder=str(run_config["model-decoder"]),
-                             trainable=trainable,
-                             precision=precision),
-                         precision=precision)
+                             trainable=trainable, precision=precision),
+                         precision=precision, encoder_feature_cache=bool(run_config["encoder-feature-cache"]))
 
 
 def vocab_release(query_config: Mapping[str, Any]) -> VocabRelease:

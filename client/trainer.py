@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from shared_model.data.datasets import CaptionDataset
+from shared_model.data.datasets import CaptionDataset, FeatureDataset
 from shared_model.data.records import CaptionSet
 from shared_model.data.vocab import Vocabulary
 from shared_model.model.captioner import Captioner, unwrap
 from shared_model.model.optimizers import OPTIMIZERS, make_optimizer
 from shared_model.model.precision import check_precision
-from shared_model.model.trainable import check_trainable, set_trainable
+from shared_model.model.features import FromFeatures
+from shared_model.model.trainable import check_trainable, encoder_trains, set_trainable
 from shared_model.model.training import train_epoch
 from shared_model.privacy.dp import check_grad_sample_mode, private_training
 from shared_model.privacy.identity import RecordIdentities, row_aliases
@@ -62,6 +65,7 @@ class LocalTraining:
     trainable: str  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
     grad_sample_mode: str  # DP: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
     precision: str  # fp32 | bf16 (autocast) | auto (bf16 on a GPU); shared_model.model.precision.resolve_precision
+    encoder_feature_cache: bool  # a frozen encoder's grids computed once (model/features.py)
     proximal_mu: float = 0.0  # FedProx's, from the train message (0: no proximal term)
 
     def __post_init__(self) -> None:
@@ -95,17 +99,21 @@ def site_records(data: CaptionSet, ledger: PrivacyLedger) -> tuple[list[str], li
 def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining,
                 budget: SiteBudget | None, ledger: PrivacyLedger | None, request: RunRequest | None,
                 server_round: int, witness: tuple[str, int] | None = None, device: torch.device | str = "cpu",
-                seed: int | None = None) -> dict[str, Any]:
+                seed: int | None = None, feature_cache_dir: Path | None = None) -> dict[str, Any]:
     """Train `model` in place for one round; returns the reply's metrics (and `ledger-head`,
     `ledger-lines` when private). With `budget`, raises BudgetExhaustedError (nothing trained,
     nothing recorded but the run's count and grant) when the run or this round cannot go ahead, and
     LedgerRollbackError when the ledger lacks the witnessed head. `seed` None (a deployed site):
     the count, the Poisson sampling and the noise come from the OS's entropy; a seed (simulation)
-    reproduces them, per round."""
+    reproduces them, per round. When the encoder does not train (and `encoder_feature_cache`), the
+    round trains from each record's encoder grid, computed once per encoder and kept in
+    `feature_cache_dir` (None: in memory for this round; client/feature_cache.py)."""
+    features = _features(model, data, training, feature_cache_dir, device)
     round_seed = None if seed is None else seed * 100_003 + server_round
     rand = mechanism_randomness(seed=round_seed, device=device)
     if budget is None:
-        _train(model, data, vocab, training, event=None, budget=None, device=device, rand=rand)
+        _train(model, data, vocab, training, event=None, budget=None, device=device, rand=rand,
+               features=features, feature_rows=range(len(data)))
         return TrainMetrics.non_private(len(data)).as_metrics()
     with ledger.transaction() as tx:
         ids, rows = site_records(data, ledger)
@@ -133,9 +141,10 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
             e.ledger_head = tx.head  # the refusal reply carries it without reading the ledger again
             raise
         keep = set(plan.train_ids)
-        subset = data.subset([r for r, rid in zip(rows, ids) if rid in keep])
-        steps = _train(model, subset, vocab, training, event=plan.event, budget=budget, device=device, rand=rand,
-                       expected_batch_size=grant["records"] * grant["sample_rate"])
+        subset_rows = [r for r, rid in zip(rows, ids) if rid in keep]
+        steps = _train(model, data.subset(subset_rows), vocab, training, event=plan.event, budget=budget,
+                       device=device, rand=rand, expected_batch_size=grant["records"] * grant["sample_rate"],
+                       features=features, feature_rows=subset_rows)
         if steps != plan.event.steps:  # the ledger must describe the mechanism that ran
             raise RuntimeError(f"the round took {steps} optimizer steps where the plan (and the ledger) says "
                                f"{plan.event.steps}; nothing is sent")
@@ -156,19 +165,37 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     return {**metrics.as_metrics(), "ledger-head": head, "ledger-lines": count_lines}
 
 
+def _features(model: Captioner, data: CaptionSet, training: LocalTraining, cache_dir: Path | None,
+              device) -> np.ndarray | None:
+    """Every record's encoder grid when the encoder does not train, else None (train from images)."""
+    if not training.encoder_feature_cache or encoder_trains(training.trainable):
+        return None
+    from .feature_cache import site_features
+
+    features, cached = site_features(model, data, cache_dir=cache_dir, device=device)
+    log.info("encoder features of %d records %s", len(data), "from the cache" if cached else "computed")
+    return features
+
+
 def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining, *, event,
-           budget: SiteBudget | None, device, rand, expected_batch_size: float = 0.0) -> int:
-    """Local training; the optimizer steps taken (under DP: those the accountant counts)."""
-    dataset = CaptionDataset(data, vocab, max_len=model.config.max_len)
+           budget: SiteBudget | None, device, rand, expected_batch_size: float = 0.0,
+           features: np.ndarray | None = None, feature_rows=None) -> int:
+    """Local training; the optimizer steps taken (under DP: those the accountant counts). With
+    `features` (row `feature_rows[i]` is record i's encoder grid), from the grids, not the images."""
+    if features is None:
+        dataset, module = CaptionDataset(data, vocab, max_len=model.config.max_len), model
+    else:
+        dataset = FeatureDataset(data, features, list(feature_rows), vocab, max_len=model.config.max_len)
+        module = FromFeatures(model)
     loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=rand.sampling)
     model.to(device).train()
     params = set_trainable(model, training.trainable)  # before make_private: frozen = no grad, no noise
     global_weights = [p.detach().clone() for p in model.parameters()] if training.proximal_mu else None
     optimizer = make_optimizer(training.optimizer, params, lr=training.lr)
-    wrapped = model
+    wrapped = module
     if event is not None:
         _, wrapped, optimizer, loader = private_training(
-            module=model, optimizer=optimizer, dataset=dataset, event=event, epochs=training.local_epochs,
+            module=module, optimizer=optimizer, dataset=dataset, event=event, epochs=training.local_epochs,
             expected_batch_size=expected_batch_size, max_grad_norm=budget.max_grad_norm,
             accountant=budget.accountant, grad_sample_mode=training.grad_sample_mode,
             sampling_generator=rand.sampling, noise_generator=rand.noise)

@@ -158,6 +158,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "seed": _int(0, simulation_only=True),
     "init-from": STR,
     "trainable": _choice(*TRAINABLE),
+    "encoder-feature-cache": BOOL,
     # differential privacy
     "dp": BOOL,
     "noise-multiplier": NON_NEGATIVE,

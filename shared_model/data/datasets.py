@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -62,6 +64,27 @@ class CaptionDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         k = int(torch.randint(int(self.counts[i]), ()))
         return _image_item(self.images, i), self.captions[i, k]
+
+
+class FeatureDataset(Dataset):
+    """Training view of a CaptionSet whose images are replaced by precomputed features (the
+    encoder's grid of each record: shared_model/model/features.py). Item i is (features[rows[i]]
+    as float [G, D], one of record i's captions drawn as CaptionDataset draws it); `features` may be
+    memory-mapped, read one row per item."""
+
+    def __init__(self, data: CaptionSet, features: np.ndarray, rows: Sequence[int], vocab: Vocabulary, *,
+                 max_len: int) -> None:
+        self.features, self.rows = features, np.asarray(rows, dtype=np.int64)
+        if len(self.rows) != len(data):
+            raise ValueError(f"one feature row per record: {len(data)} records, {len(self.rows)} rows")
+        self.captions, self.counts = encode_captions(data.captions, vocab, max_len=max_len)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        k = int(torch.randint(int(self.counts[i]), ()))
+        return torch.from_numpy(np.array(self.features[self.rows[i]], dtype=np.float32)), self.captions[i, k]
 
 
 class CaptionPairs(Dataset):

@@ -86,7 +86,11 @@ class Captioner(nn.Module):
     # ---- encoder side -------------------------------------------------------------------------
     def start(self, images: Tensor) -> State:
         """Encode images [B, 3, H, W] in [0, 1] into the initial decoder state."""
-        grid = self.encoder(images)  # [B, G, D]
+        return self.start_from_grid(self.encoder(images))
+
+    def start_from_grid(self, grid: Tensor) -> State:
+        """The initial decoder state from the encoder's output grid [B, G, D] (model/features.py
+        trains from grids computed once when the encoder does not train)."""
         state: State = {}
         c = self.config
         if c.fusion == "attention":

@@ -32,6 +32,12 @@ def check_trainable(spec: str) -> str:
     return spec
 
 
+def encoder_trains(spec: str) -> bool:
+    """Whether `spec` trains the encoder group; when it does not, the encoder's output is a fixed
+    function of each image (model/features.py computes it once)."""
+    return "encoder" in _GROUPS[check_trainable(spec)]
+
+
 def parameter_group(name: str) -> str:
     """"encoder", "fusion" or "decoder" for a Captioner parameter name (no Opacus `_module.` prefix)."""
     parts = name.split(".")

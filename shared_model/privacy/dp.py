@@ -5,9 +5,10 @@ dataset; neighbouring datasets differ by adding or removing one record. Mechanis
 Poisson-subsampled Gaussian mechanism of Opacus (each record joins a batch independently with
 probability `sample_rate`; each per-example gradient is clipped to L2 norm `max_grad_norm`; Gaussian
 noise of standard deviation `noise_multiplier * max_grad_norm` is added to the sum). `steps` such
-steps compose; accounting is done by Opacus's accountant attached to the optimizer ("prv" by
-default: tight, and agrees with dp_accounting's PLD; "rdp" is looser but conservative). Opacus's
-"gdp" accountant under-reports epsilon and is refused here.
+steps compose; accounting is done by Opacus's accountant attached to the optimizer, which every
+caller names (`accountant`: "prv" is tight and agrees with dp_accounting's PLD; "rdp" is looser but
+conservative; a site's default is accounting.DEFAULT_ACCOUNTANT). Opacus's "gdp" accountant
+under-reports epsilon and is refused here.
 
 The model's loss must be a per-example mean (see `caption_loss`, model/captioner.py); Opacus's
 `loss_reduction="mean"` then recovers each example's own gradient before clipping.
