@@ -17,8 +17,6 @@ log = logging.getLogger("flwr")
 
 
 def _model_and_vocab(msg: Message, context: Context):
-    import torch
-
     from shared_model.data.vocab import Vocabulary
     from shared_model.model.captioner import Captioner
     from shared_model.model.config import captioner_config_from_run_config
@@ -31,8 +29,11 @@ def _model_and_vocab(msg: Message, context: Context):
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"received weights do not fit the configured model: {e}") from None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model, vocab, device
+    from shared_model.model.devices import resolve_device
+
+    from .settings import node_setting
+
+    return model, vocab, resolve_device(node_setting(context.node_config, "device"))
 
 
 def _held_out_metrics(model, vocab, held_out, run_config, device) -> dict:
@@ -84,7 +85,8 @@ def train(msg: Message, context: Context) -> Message:
                               request=run_request(rc, config, context.run_id) if budget else None,
                               server_round=int(config["server-round"]),
                               witness=None if ephemeral else witnessed_head(config, name), device=device,
-                              seed=mechanism_seed(rc, nc), feature_cache_dir=data_cache_dir(nc))
+                              seed=mechanism_seed(rc, nc), feature_cache_dir=data_cache_dir(nc),
+                              memory_limit=int(nc["memory-limit"] * 2**30) if "memory-limit" in nc else None)
     except BudgetExhaustedError as e:
         e.args = (f"site {name}: {e} (what next: docs/privacy.md, 'When the budget is spent')",)
         log.warning("%s", e)

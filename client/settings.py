@@ -216,7 +216,7 @@ def local_training(run_config: Mapping[str, Any], train_config: Mapping[str, Any
     trainable, precision = str(run_config["trainable"]), str(run_config["precision"])
     return LocalTraining(local_epochs=int(run_config["local-epochs"]), batch_size=int(run_config["batch-size"]),
                          lr=float(run_config["lr"]), optimizer=str(run_config["optimizer"]),
-                         max_physical_batch_size=int(run_config["max-physical-batch-size"]),
+                         max_physical_batch_size=run_config["max-physical-batch-size"],
                          proximal_mu=float(train_config.get("proximal-mu", 0.0)),
                          fixed_batch_shapes=shape == "fixed", trainable=trainable,
                          grad_sample_mode=resolve_grad_sample_mode(

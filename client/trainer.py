@@ -60,7 +60,7 @@ class LocalTraining:
     batch_size: int
     lr: float
     optimizer: str  # adamw | sgd (momentum 0.9); a fresh optimizer state every round
-    max_physical_batch_size: int
+    max_physical_batch_size: int | str  # DP: an int, or "auto" (the largest that fits memory: model/physical_batch.py)
     fixed_batch_shapes: bool  # DP: pad every physical batch to max_physical_batch_size (GPU)
     trainable: str  # all | decoder | fusion+decoder (shared_model/model/trainable.py)
     grad_sample_mode: str  # DP: hooks | ghost (Opacus ghost clipping; not the LSTM decoder)
@@ -69,7 +69,11 @@ class LocalTraining:
     proximal_mu: float = 0.0  # FedProx's, from the train message (0: no proximal term)
 
     def __post_init__(self) -> None:
-        for name in ("local_epochs", "batch_size", "max_physical_batch_size"):
+        if self.max_physical_batch_size != "auto" and not (isinstance(self.max_physical_batch_size, int)
+                                                           and self.max_physical_batch_size >= 1):
+            raise ValueError(f"max-physical-batch-size must be an integer >= 1 or 'auto', got "
+                             f"{self.max_physical_batch_size!r}")
+        for name in ("local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -99,7 +103,8 @@ def site_records(data: CaptionSet, ledger: PrivacyLedger) -> tuple[list[str], li
 def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining,
                 budget: SiteBudget | None, ledger: PrivacyLedger | None, request: RunRequest | None,
                 server_round: int, witness: tuple[str, int] | None = None, device: torch.device | str = "cpu",
-                seed: int | None = None, feature_cache_dir: Path | None = None) -> dict[str, Any]:
+                seed: int | None = None, feature_cache_dir: Path | None = None,
+                memory_limit: int | None = None) -> dict[str, Any]:
     """Train `model` in place for one round; returns the reply's metrics (and `ledger-head`,
     `ledger-lines` when private). With `budget`, raises BudgetExhaustedError (nothing trained,
     nothing recorded but the run's count and grant) when the run or this round cannot go ahead, and
@@ -107,13 +112,14 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
     the count, the Poisson sampling and the noise come from the OS's entropy; a seed (simulation)
     reproduces them, per round. When the encoder does not train (and `encoder_feature_cache`), the
     round trains from each record's encoder grid, computed once per encoder and kept in
-    `feature_cache_dir` (None: in memory for this round; client/feature_cache.py)."""
+    `feature_cache_dir` (None: in memory for this round; client/feature_cache.py). `memory_limit`
+    (bytes) bounds a DP step when max-physical-batch-size is "auto" (devices.memory_budget)."""
     features = _features(model, data, training, feature_cache_dir, device)
     round_seed = None if seed is None else seed * 100_003 + server_round
     rand = mechanism_randomness(seed=round_seed, device=device)
     if budget is None:
         _train(model, data, vocab, training, event=None, budget=None, device=device, rand=rand,
-               features=features, feature_rows=range(len(data)))
+               features=features, feature_rows=range(len(data)), memory_limit=memory_limit)
         return TrainMetrics.non_private(len(data)).as_metrics()
     with ledger.transaction() as tx:
         ids, rows = site_records(data, ledger)
@@ -144,7 +150,7 @@ def train_round(*, model: Captioner, data: CaptionSet, vocab: Vocabulary, traini
         subset_rows = [r for r, rid in zip(rows, ids) if rid in keep]
         steps = _train(model, data.subset(subset_rows), vocab, training, event=plan.event, budget=budget,
                        device=device, rand=rand, expected_batch_size=grant["records"] * grant["sample_rate"],
-                       features=features, feature_rows=subset_rows)
+                       features=features, feature_rows=subset_rows, memory_limit=memory_limit)
         if steps != plan.event.steps:  # the ledger must describe the mechanism that ran
             raise RuntimeError(f"the round took {steps} optimizer steps where the plan (and the ledger) says "
                                f"{plan.event.steps}; nothing is sent")
@@ -177,9 +183,26 @@ def _features(model: Captioner, data: CaptionSet, training: LocalTraining, cache
     return features
 
 
+def _auto_physical_batch(module, dataset, training: LocalTraining, *, device, memory_limit: int | None) -> int:
+    """max-physical-batch-size "auto": the largest physical batch whose DP step fits the memory
+    budget, from a short probe (model/physical_batch.py); it never changes the sampling or the
+    accounting, only how a Poisson batch is split."""
+    from shared_model.model.devices import memory_budget
+    from shared_model.model.physical_batch import describe, physical_batch_size
+
+    budget = memory_budget(torch.device(device), limit_bytes=memory_limit)
+    module.to(device).train()
+    with torch.random.fork_rng(devices=[]):  # the probe's caption draw leaves the round's draws as they were
+        example = dataset[0]
+    size, per_example = physical_batch_size(module, example, budget=budget, cap=2 * training.batch_size,
+                                            grad_sample_mode=training.grad_sample_mode)
+    log.info("max-physical-batch-size auto: %s", describe(size, per_example, budget))
+    return size
+
+
 def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: LocalTraining, *, event,
            budget: SiteBudget | None, device, rand, expected_batch_size: float = 0.0,
-           features: np.ndarray | None = None, feature_rows=None) -> int:
+           features: np.ndarray | None = None, feature_rows=None, memory_limit: int | None = None) -> int:
     """Local training; the optimizer steps taken (under DP: those the accountant counts). With
     `features` (row `feature_rows[i]` is record i's encoder grid), from the grids, not the images."""
     if features is None:
@@ -192,6 +215,9 @@ def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: Loca
     params = set_trainable(model, training.trainable)  # before make_private: frozen = no grad, no noise
     global_weights = [p.detach().clone() for p in model.parameters()] if training.proximal_mu else None
     optimizer = make_optimizer(training.optimizer, params, lr=training.lr)
+    physical = training.max_physical_batch_size
+    if event is not None and physical == "auto":
+        physical = _auto_physical_batch(module, dataset, training, device=device, memory_limit=memory_limit)
     wrapped = module
     if event is not None:
         _, wrapped, optimizer, loader = private_training(
@@ -208,7 +234,7 @@ def _train(model: Captioner, data: CaptionSet, vocab: Vocabulary, training: Loca
     steps = 0
     for _ in range(training.local_epochs):
         stats = train_epoch(wrapped, optimizer, loader, device=device,
-                            max_physical_batch_size=training.max_physical_batch_size if event else None,
+                            max_physical_batch_size=physical if event else None,
                             after_step=proximal_pull if global_weights is not None else None,
                             fixed_batch_shapes=training.fixed_batch_shapes and event is not None,
                             precision=training.precision)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from shared_model.data.datasets import CaptionDataset
 from shared_model.evaluation.evaluator import decoding, evaluate
 from shared_model.evaluation.metrics import caption_metrics, trivial_baseline_predictions
+from shared_model.model.devices import resolve_device
 from shared_model.model.captioner import Captioner
 from shared_model.model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.model.config import CaptionerConfig, check_same_model
@@ -86,14 +87,6 @@ class CentralizedConfig:
         from shared_model.model.precision import check_precision
 
         check_precision(self.precision, grad_sample_mode=self.grad_sample_mode if self.dp else "hooks")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def run_centralized(cfg: CentralizedConfig, out_dir: str | Path, *, log: Callable[[str], None] = print) -> dict:

@@ -66,7 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from shared_model.evaluation.evaluator import decoding, evaluate
     from shared_model.model.checkpoint import load_checkpoint
 
-    from .centralized import resolve_device
+    from shared_model.model.devices import resolve_device
     from .sources import evaluation_data
 
     device = resolve_device(args.device)
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .centralized import CentralizedConfig
     from .pretrain import NO_BUDGET, pretrain_config
     from .plan_cmd import add_plan_parser
+    from .rehearse_cmd import add_rehearse_parser
     from .vocab_cmd import add_vocab_parser
 
     parser = argparse.ArgumentParser(prog="fedcap", description="Federated DP image captioning.")
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_vocab_parser(sub)
     add_plan_parser(sub)
+    add_rehearse_parser(sub)
 
     g = sub.add_parser("ledger", help="site ledger maintenance (migrate a fedcap-ledger/1 ledger)",
                        formatter_class=HelpFormatter)

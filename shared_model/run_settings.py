@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from shared_model.data.formats import FORMATS as DATASET_FORMATS
 from shared_model.data.partition import METHODS as PARTITIONERS
 from shared_model.model.config import DECODERS, ENCODERS, FUSIONS
+from shared_model.model.devices import DEVICE_PATTERN
 from shared_model.model.optimizers import OPTIMIZERS
 from shared_model.model.precision import PRECISIONS, check_precision
 from shared_model.model.trainable import TRAINABLE
@@ -53,6 +54,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     nonempty: bool = False
     default: Any = None  # node_config only: the value of a key the site leaves out (None: none)
+    also: tuple[str, ...] = ()  # numbers only: strings accepted as well (e.g. "auto")
     simulation_only: bool = False  # run config only: meaningless to a deployed site
 
     def describe(self) -> str:
@@ -63,6 +65,9 @@ class Setting:
                 return f"one of {', '.join(repr(c) for c in self.choices)}"
             return "a non-empty string" if self.nonempty else "a string"
         noun = "an integer" if self.kind is int else "a number"
+        if self.also:
+            return f"{Setting(self.kind, self.low, self.high, self.low_open, self.high_open).describe()} or " + \
+                ", ".join(repr(a) for a in self.also)
         if self.low is not None and self.high is not None:
             return (f"{noun} in {'(' if self.low_open else '['}{self.low:g}, "
                     f"{self.high:g}{')' if self.high_open else ']'}")
@@ -84,6 +89,8 @@ class Setting:
                 raise TypeError(wrong)
             if (self.choices and value not in self.choices) or (self.nonempty and not value.strip()):
                 raise ValueError(wrong)
+            return value
+        if isinstance(value, str) and value in self.also:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(wrong)
@@ -148,7 +155,7 @@ RUN_CONFIG: dict[str, Setting] = {
     # local training
     "local-epochs": _int(1),
     "batch-size": _int(1),
-    "max-physical-batch-size": _int(1),
+    "max-physical-batch-size": _int(1, also=("auto",)),  # "auto": chosen by memory (model/physical_batch.py)
     "physical-batch-shape": _choice("auto", "fixed", "variable"),
     "grad-sample-mode": _choice(*GRAD_SAMPLE_CHOICES),
     "precision": _choice(*PRECISIONS),
@@ -227,6 +234,8 @@ NODE_CONFIG: dict[str, Setting] = {
     "share-held-out-metrics": Setting(bool, default=False),
     "min-records": _int(1, default=1),
     "num-threads": _int(1),
+    "device": Setting(str, default="auto"),  # auto | cpu | cuda | cuda:N (model/devices.py)
+    "memory-limit": _float(0.0, low_open=True),  # GiB a training step may take (max-physical-batch-size "auto")
     # the site's own privacy budget (only the site sets it)
     "target-epsilon": POSITIVE,
     "target-delta": PROBABILITY_OPEN,
@@ -309,6 +318,8 @@ def validate_node_config(node_config: Mapping[str, Any]) -> dict[str, Any]:
     if "data-dir" in nc and "state-dir" not in nc and not nc["non-private"]:
         raise ValueError(f"node_config has data-dir {nc['data-dir']!r} but no 'state-dir': a deployed site keeps its "
                          f"privacy ledger in a folder of its own, which no run-config value can replace")
+    if not DEVICE_PATTERN.fullmatch(nc["device"]):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {nc['device']!r}")
     if "partition-id" in nc and "num-partitions" in nc and nc["partition-id"] >= nc["num-partitions"]:
         raise ValueError(f"partition-id must be < num-partitions ({nc['num-partitions']}), got {nc['partition-id']}")
     return nc
