@@ -85,6 +85,9 @@ def test_the_cache_is_reused_invalidated_by_new_weights_and_rebuilt_when_torn(tm
     other = DATA.subset(range(10))  # other records: other features
     assert site_features(model, other, cache_dir=cache)[0].shape[0] == 10
 
+    frozen = Captioner(tiny_config(vocab_size=len(VOCAB), max_len=20, encoder="resnet18", freeze_encoder=True))
+    assert len(encoder_fingerprint(frozen)) == 64  # BatchNorm's scalar buffers hash too
+
 
 def test_a_trainable_encoder_never_uses_features_and_a_non_private_round_can(tmp_path):
     model = Captioner(tiny_config(vocab_size=len(VOCAB), max_len=20))

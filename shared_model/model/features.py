@@ -64,7 +64,7 @@ def encoder_fingerprint(model: Captioner) -> str:
     for name, tensor in sorted(model.encoder.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
