@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
-                                     Strategy)
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum,
+                                     MultiKrum, Strategy)
 
 from shared_model.run_settings import STRATEGIES
 
@@ -29,6 +29,8 @@ def build_strategy(run_config: Mapping[str, Any]) -> Strategy:
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=float(run_config["proximal-mu"]))
+    if name == "fedavgm":  # the averaged update as a pseudo-gradient, with server-side momentum
+        return FedAvgM(**common, server_learning_rate=1.0, server_momentum=float(run_config["server-momentum"]))
     if name == "fedadam":
         return FedAdam(**common, eta=float(run_config["server-lr"]))
     if name == "fedmedian":

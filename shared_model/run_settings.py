@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from shared_model.data.formats import FORMATS as DATASET_FORMATS
 from shared_model.data.partition import METHODS as PARTITIONERS
+from shared_model.data.synthetic import SCENARIOS
 from shared_model.model.config import DECODERS, ENCODERS, FUSIONS
 from shared_model.model.devices import DEVICE_PATTERN
 from shared_model.model.optimizers import OPTIMIZERS
@@ -37,7 +38,7 @@ from shared_model.model.trainable import TRAINABLE
 from shared_model.privacy.accounting import DEFAULT_ACCOUNTANT, OPACUS_ACCOUNTANTS
 from shared_model.privacy.dp import GRAD_SAMPLE_CHOICES, check_grad_sample_mode
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"  # the app's, in a checkout and in a FAB
 
 
@@ -144,6 +145,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "strategy": _choice(*STRATEGIES),
     "proximal-mu": NON_NEGATIVE,
     "server-lr": POSITIVE,
+    "server-momentum": _float(0.0, 1.0, high_open=True),
     "trimmed-beta": _float(0.0, 0.5, high_open=True),
     "num-malicious-nodes": _int(0),
     "multikrum-select": _int(1),
@@ -181,6 +183,7 @@ RUN_CONFIG: dict[str, Setting] = {
     "dirichlet-alpha": Setting(float, low=0.0, low_open=True, simulation_only=True),
     "feature-skew": SIM_BOOL,
     "train-size": _int(1, simulation_only=True),
+    "data-scenario": _choice(*SCENARIOS, simulation_only=True),
     "server-eval-size": _int(1),
     "server-eval-data": STR,
     "server-eval-format": _choice(*DATASET_FORMATS),

@@ -6,7 +6,7 @@ rejected or refused) is witnessed; an impersonator's never is."""
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 from server.strategy import FedCapStrategy, NoSiteCanTrain, RoundFailed
 from server.strategy_factory import build_strategy
@@ -231,6 +231,8 @@ def test_build_strategy_selects_the_robust_strategies():
         built = build_strategy({**rc, "strategy": name, "num-malicious-nodes": 1})
         assert type(built) is cls and built.min_train_nodes == 7
     assert build_strategy({**rc, "strategy": "fedtrimmedavg", "trimmed-beta": 0.3}).beta == 0.3
+    fedavgm = build_strategy({**rc, "strategy": "fedavgm", "server-momentum": 0.5})
+    assert type(fedavgm) is FedAvgM and (fedavgm.server_learning_rate, fedavgm.server_momentum) == (1.0, 0.5)
     with pytest.raises(ValueError, match="min-train-nodes must be >= 4 x num-malicious-nodes \\+ 3 = 11 for bulyan, "
                                          "got 7"):
         build_strategy({**rc, "strategy": "bulyan", "num-malicious-nodes": 2})
