@@ -4,7 +4,7 @@ optimizer state crosses rounds, so nothing a site learned in an earlier round tr
 Under DP-SGD the optimizer only post-processes the noised, clipped gradient Opacus hands it, so its
 choice costs no privacy; it changes how much of the noise reaches the weights. AdamW scales each
 coordinate by its own running gradient magnitude, which amplifies the noise where the signal is
-small; SGD with momentum moves every coordinate by the same rule (docs/results.md compares them)."""
+small; SGD with momentum moves every coordinate by the same rule."""
 
 from __future__ import annotations
 
