@@ -22,10 +22,10 @@ Why a plain loop is faithful to the real federation (Flower, the ClientApp and t
 What Flower would add and the rehearsal leaves out: messages, processes, update checks (honest
 sites pass them), the witness of ledger heads.
 
-Privacy: the rehearsal touches public records only, and every ledger it writes lives in a
-temporary folder removed when its grid point ends; it never reads or writes a site's state
-(`site-state-dir`, `federation-state` are ignored), so it spends no site budget. Choosing settings
-on it is post-processing of public data. Every grid point uses the same seeds (data slices, DP
+Privacy: the rehearsal touches public records only, and every file it writes (each grid point's
+ledgers, the sites' encoder features) lives in one temporary folder, removed when it ends; it
+never reads or writes a site's state (`site-state-dir`, `federation-state` are ignored), so it
+spends no site budget. Choosing settings on it is post-processing of public data. Every grid point uses the same seeds (data slices, DP
 randomness), so two points differ by their settings, not by their draws.
 """
 
@@ -225,34 +225,41 @@ def rehearse(run_config: Mapping[str, Any], *, public: CaptionSet, held_out: Cap
 
     round0 = score(start)  # the same start for every point
     rounds = rc["num-server-rounds"]
-    for i, (point, result) in enumerate(zip(points, results)):
+
+    def federate(i: int, point: dict, result: PointResult, *, tmp: Path) -> None:
         t0 = time.perf_counter()
         prc = validate_run_config({**rc, **point})
         training = local_training(prc, train_config)
         request = run_request(prc, train_config, run_id=f"rehearsal-{i}")
         budgets = [site_budget(prc, _node(k, n)) for k in range(n)]
+        ledgers = [PrivacyLedger(tmp / f"point-{i}" / f"site-{k}" / "ledger.jsonl") if budgets[k] else None
+                   for k in range(n)]
         result.scores.append(round0)
         state = start
-        with tempfile.TemporaryDirectory(prefix="fedcap-rehearsal-") as tmp:  # the only ledgers it writes
-            ledgers = [PrivacyLedger(Path(tmp) / f"site-{k}" / "ledger.jsonl") if budgets[k] else None
-                       for k in range(n)]
-            for server_round in range(1, rounds + 1):
-                states, examples = [], {}
-                for k, data in enumerate(slices):
-                    model = Captioner(config)
-                    model.load_state_dict(state, strict=True)
-                    metrics = train_round(model=model, data=data, vocab=vocab, training=training, budget=budgets[k],
-                                          ledger=ledgers[k], request=request if budgets[k] else None,
-                                          server_round=server_round, device=device,
-                                          seed=mechanism_seed(prc, _node(k, n)))
-                    states.append(model_state(model))
-                    examples[f"site-{k}"] = int(metrics["num-examples"])
-                    result.noise_multipliers[k] = float(metrics["noise-multiplier"])
-                    result.steps_per_round[k] = int(metrics["steps"])
-                weights = capped_weights(examples, cap_ratio=prc["examples-cap-ratio"])
-                state = _fedavg(states, [weights[f"site-{k}"] for k in range(n)])
-                result.scores.append(score(state))
-                if on_round is not None:
-                    on_round(i, server_round, result.scores[-1])
+        for server_round in range(1, rounds + 1):
+            states, examples = [], {}
+            for k, data in enumerate(slices):
+                model = Captioner(config)
+                model.load_state_dict(state, strict=True)
+                metrics = train_round(model=model, data=data, vocab=vocab, training=training, budget=budgets[k],
+                                      ledger=ledgers[k], request=request if budgets[k] else None,
+                                      server_round=server_round, device=device,
+                                      seed=mechanism_seed(prc, _node(k, n)),
+                                      feature_cache_dir=tmp / "features" / f"site-{k}")
+                states.append(model_state(model))
+                examples[f"site-{k}"] = int(metrics["num-examples"])
+                result.noise_multipliers[k] = float(metrics["noise-multiplier"])
+                result.steps_per_round[k] = int(metrics["steps"])
+            weights = capped_weights(examples, cap_ratio=prc["examples-cap-ratio"])
+            state = _fedavg(states, [weights[f"site-{k}"] for k in range(n)])
+            result.scores.append(score(state))
+            if on_round is not None:
+                on_round(i, server_round, result.scores[-1])
         result.seconds = time.perf_counter() - t0
+
+    # the only files it writes: each point's ledgers and the sites' encoder features (a frozen encoder's,
+    # computed once for every round and point, as a deployed site keeps them: client/feature_cache.py)
+    with tempfile.TemporaryDirectory(prefix="fedcap-rehearsal-") as tmp:
+        for i, (point, result) in enumerate(zip(points, results)):
+            federate(i, point, result, tmp=Path(tmp))
     return Rehearsal(records=list(records), rounds=rounds, points=results)

@@ -86,7 +86,7 @@ def test_the_rehearsal_spends_no_site_budget(rehearsed):
     assert code == 0
     for path in state.values():  # the run config's site state, federation state and run folders: untouched
         assert not (tmp / path).exists(), path
-    # its ledgers lived in temporary folders, removed with their grid point
+    # its ledgers lived in a temporary folder, removed when it ended
     assert not list((tmp / "temp").glob("fedcap-rehearsal-*"))
 
 
