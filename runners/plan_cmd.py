@@ -43,16 +43,14 @@ def print_plan(rc: dict, records: list[int], *, out=print) -> list[int]:
     from shared_model.model.captioner import Captioner
     from shared_model.model.config import captioner_config_from_run_config
     from shared_model.model.trainable import set_trainable
+    from client.settings import run_request, site_budget
     from shared_model.privacy.plan import LEVERS, NOISE_DOMINATES, site_plan
-    from shared_model.privacy.site_budget import RunRequest, SiteBudget
 
     model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(synthetic_vocabulary())))
     d = sum(p.numel() for p in set_trainable(model, rc["trainable"]))
-    budget = SiteBudget(target_epsilon=rc["target-epsilon"], target_delta=rc["target-delta"],
-                        accountant=rc["accountant"], max_grad_norm=rc["max-grad-norm"])
-    request = RunRequest(run_id="plan", run_epsilon=rc["run-epsilon"], num_rounds=rc["num-server-rounds"],
-                         local_epochs=rc["local-epochs"], batch_size=rc["batch-size"],
-                         count_noise_multiplier=rc["count-noise-multiplier"])
+    # the budget and the request exactly as a simulated site builds them from this run config
+    budget = site_budget({**rc, "dp": True}, {"partition-id": 0, "num-partitions": 1})
+    request = run_request(rc, {}, "plan")
     out(f"trainable = {rc['trainable']!r}: {d:,} parameters; run-epsilon {rc['run-epsilon']:g} of a lifetime "
         f"{budget.target_epsilon:g} (delta {budget.target_delta:g}, {budget.enforcing}); "
         f"{rc['num-server-rounds']} rounds x {rc['local-epochs']} local epochs, batch-size {rc['batch-size']}")
