@@ -19,8 +19,8 @@ from shared_model.privacy.reply import BUDGET_METRICS, TRAIN_METRICS
 
 from .nodes import bind_site, recipients, reply_sender, wait_for_nodes
 from .strategy_factory import build_strategy
-from .update_checks import ( UpdateRejected, capped_weights, check_arrays,
-                            check_metrics, norm_violations, update_norm)
+from .update_checks import (UpdateRejected, capped_weights, check_arrays, check_metrics, norm_violations,
+                            update_norm)
 
 log = logging.getLogger("flwr")  # Flower's handler prints it
 
