@@ -1,8 +1,9 @@
 """A site's records: its train split (the DP-protected dataset) and a held-out split for evaluation.
 
-Simulation: partition `partition-id` of the embedded synthetic train split, cut by the configured
-partitioner, with the site's feature skew (for a privacy audit, `canary-count` > 0 appends canary
-records to one site's train split: docs/empirical-audit.md). Deployment: the site's own files
+Simulation: partition `partition-id` of the embedded synthetic train split (of the run's
+`data-scenario`), cut by the configured partitioner, with the site's feature skew (for a privacy
+audit, `canary-count` > 0 appends canary records to one site's train split:
+docs/empirical-audit.md). Deployment: the site's own files
 (`data-dir`, `dataset-format` from node_config). Either way the held-out split is chosen
 deterministically, so the train split, and hence the records its ledger names, is the same in every round,
 run and restart.
@@ -25,14 +26,14 @@ def _split_held_out(data: CaptionSet) -> tuple[CaptionSet, CaptionSet]:
 
 
 @lru_cache(maxsize=1)
-def _embedded_train(size: int, seed: int, image_size: int) -> CaptionSet:
+def _embedded_train(size: int, seed: int, image_size: int, scenario: str) -> CaptionSet:
     """The generated training split, kept in the process between messages: a simulation actor
     serves many sites of one run, and each cut its partition from a fresh copy (what that cost:
     docs/results.md, "Scale: 16 and 64 simulated sites"). Deterministic in its arguments; never
     modified (the partitions are copies)."""
     from shared_model.data.synthetic import load_embedded
 
-    return load_embedded("train", size, seed=seed, image_size=image_size)
+    return load_embedded("train", size, seed=seed, image_size=image_size, scenario=scenario)
 
 
 def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num_partitions: int
@@ -43,7 +44,8 @@ def simulated_site_data(run_config: Mapping[str, Any], *, partition_id: int, num
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
     seed = int(run_config["seed"])
-    full = _embedded_train(int(run_config["train-size"]), seed, int(run_config["image-size"]))
+    full = _embedded_train(int(run_config["train-size"]), seed, int(run_config["image-size"]),
+                           str(run_config["data-scenario"]))
     site = partition_caption_set(full, num_partitions, method=str(run_config["partitioner"]),
                                  alpha=float(run_config["dirichlet-alpha"]), seed=seed)[partition_id]
     if run_config["feature-skew"]:

@@ -5,14 +5,16 @@ Sources:
   public    the embedded generator's public variant (shared_model/data/public.py: its own seed
             stream and camera); evaluation on the embedded test split, the data the federation's
             server scores, so a public-only model and a federated one are compared on the same images
+  shifted, shifted-public   the same two for the shifted data scenario (data-scenario = "shifted":
+            the sites' content differs from the public set's; shared_model/data/synthetic.py)
   folders   `data`, one or more folders in `data_format` (coco | karpathy | csv | jsonl, see
             docs/data.md), trained on as one set: each folder is split on its own (karpathy: its own
             train/test splits; the other formats hold out every record whose image hashes into the
             first decile, deterministic, at least one record), the training parts joined and the
             held-out parts joined, then capped at `test_size`. Image ids are prefixed with the
             folder's position when several folders are given ("1:img.png"), so they never collide.
-The vocabulary is the embedded one for the embedded sources; for folders, `vocab_file` when given,
-else built from their training captions (the data owner's own vocabulary).
+The vocabulary is the scenario's grammar vocabulary for the embedded sources; for folders,
+`vocab_file` when given, else built from their training captions (the data owner's own vocabulary).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from shared_model.data.partition import hash_split
 from shared_model.data.records import CaptionSet
 from shared_model.data.vocab import Vocabulary
 
-SOURCES = ("embedded", "public")
+SOURCES = ("embedded", "public", "shifted", "shifted-public")
 
 
 def load_folder_splits(data: str | Path, data_format: str, *, image_size: int) -> tuple[CaptionSet, CaptionSet]:
@@ -68,22 +70,23 @@ def training_data(*, source: str, data: str | list[str], data_format: str, train
         return train, test, vocab
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES} (or give a data folder), got {source!r}")
-    loader = load_public if source == "public" else (lambda n, **kw: load_embedded("train", n, **kw))
-    train = loader(train_size, seed=seed, image_size=image_size)
-    test = load_embedded("test", test_size, seed=seed, image_size=image_size)
-    vocab = Vocabulary.load(Path(vocab_file).expanduser()) if vocab_file else synthetic_vocabulary()
+    scenario = source.removesuffix("-public") if source != "public" else "embedded"
+    loader = load_public if source.endswith("public") else (lambda n, **kw: load_embedded("train", n, **kw))
+    train = loader(train_size, seed=seed, image_size=image_size, scenario=scenario)
+    test = load_embedded("test", test_size, seed=seed, image_size=image_size, scenario=scenario)
+    vocab = Vocabulary.load(Path(vocab_file).expanduser()) if vocab_file else synthetic_vocabulary(scenario)
     return train, test, vocab
 
 
 def evaluation_data(data: str | Path, data_format: str, *, image_size: int, split: str = "test",
                     limit: int | None = None) -> CaptionSet:
     """Records to score a checkpoint on: a folder (every record; karpathy: `split`), or "embedded"
-    for the embedded test split."""
+    ("shifted") for the embedded (shifted) scenario's test split."""
     from shared_model.data.loaders import load_dataset_folder
-    from shared_model.data.synthetic import load_embedded
+    from shared_model.data.synthetic import SCENARIOS, load_embedded
 
-    if str(data) == "embedded":
-        return load_embedded("test", limit, image_size=image_size)
+    if str(data) in SCENARIOS:
+        return load_embedded("test", limit, image_size=image_size, scenario=str(data))
     root = Path(data).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")

@@ -1,5 +1,8 @@
 """The main job's public starting point: pretrain on the embedded public variant (cached), start the
 federation from it (`init-from`), and put the public-only score beside the federated result.
+The public variant is the run config's `data-scenario`'s: in the shifted scenario, the public
+population that rarely or never shows the sites' own content (shared_model/data/public.py); the
+scenario is part of the cached settings (the pretraining source).
 
 The pretrained model is built from the run config's model keys (so the sites' models fit it) with
 the pretraining defaults of runners/pretrain.py; its checkpoint is cached under
@@ -35,8 +38,10 @@ def pretrain_for(run_config: Mapping[str, Any], *, cache: Path = CACHE, log: Cal
     """(checkpoint, pretraining result) for the model the run config describes; cached."""
     from runners.pretrain import cached_pretrain, pretrain_config
 
+    scenario = str(run_config["data-scenario"])
     base = {"model": model_overrides(run_config), "seed": int(run_config["seed"]),
-            "test_size": int(run_config["server-eval-size"])}
+            "test_size": int(run_config["server-eval-size"]),
+            "source": "public" if scenario == "embedded" else f"{scenario}-public"}
     cfg = pretrain_config(**{**base, **overrides})
     return cached_pretrain(cfg, cache, log=log)
 

@@ -252,7 +252,7 @@ def test_the_generated_split_kept_between_messages_is_never_changed_by_a_site():
 
     rc = run_config(**{"canary-count": 10, "canary-site": 0, "feature-skew": True})
     first = [simulated_site_data(rc, partition_id=k, num_partitions=3) for k in range(3)]
-    kept = _embedded_train(120, int(rc["seed"]), 32)
+    kept = _embedded_train(120, int(rc["seed"]), 32, rc["data-scenario"])
     fresh = load_embedded("train", 120, seed=int(rc["seed"]), image_size=32)
     assert np.array_equal(kept.images, fresh.images) and kept.captions == fresh.captions
     assert kept.image_ids == fresh.image_ids
