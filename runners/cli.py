@@ -254,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"public variant (default) or --data DIR. Writes an ordinary checkpoint "
                                      f"(weights, config, vocabulary) to start federations from (init-from). "
                                      f"{NO_BUDGET}.", formatter_class=HelpFormatter)
+    from .sources import SOURCES
+
     p = pretrain_config()  # the one place the pretraining defaults live
-    pre.add_argument("--source", choices=("public", "embedded"), default=p.source,
-                     help="embedded source when no --data is given (public: the public variant)")
+    pre.add_argument("--source", choices=SOURCES, default=p.source,
+                     help="embedded source when no --data is given (public: the public variant; shifted-public: "
+                          "the shifted scenario's)")
     _training_options(pre, p)
     pre.set_defaults(func=_pretrain)
 

@@ -46,7 +46,7 @@ def print_plan(rc: dict, records: list[int], *, out=print) -> list[int]:
     from client.settings import run_request, site_budget
     from shared_model.privacy.plan import LEVERS, NOISE_DOMINATES, site_plan
 
-    model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(synthetic_vocabulary())))
+    model = Captioner(captioner_config_from_run_config(rc, vocab_size=len(synthetic_vocabulary(rc["data-scenario"]))))
     d = sum(p.numel() for p in set_trainable(model, rc["trainable"]))
     # the budget and the request exactly as a simulated site builds them from this run config
     budget = site_budget({**rc, "dp": True}, {"partition-id": 0, "num-partitions": 1})

@@ -132,7 +132,8 @@ def _data(rc: dict, args: argparse.Namespace, total: int):
                                             test_size=rc["server-eval-size"], seed=rc["seed"], image_size=size)
         where = f"{len(held_out)} held-out records of the public data"
     else:
-        public = load_public(total, seed=rc["seed"] + PUBLIC_SEED_OFFSET, image_size=size)
+        public = load_public(total, seed=rc["seed"] + PUBLIC_SEED_OFFSET, image_size=size,
+                             scenario=rc["data-scenario"])
         held_out, where = None, ""
     if held_out is None or rc["server-eval-data"]:  # the server's own evaluation set, the signal BEST uses
         held_out = server_eval_set(rc, image_size=size)

@@ -28,7 +28,7 @@ def selection_signal(run_config: Mapping[str, Any], *, records: int) -> str:
     """What picked BEST, in words: the metric, the evaluation set and the decoding."""
     beam = int(run_config["eval-beam-size"])
     decoding = "greedy decoding" if beam == 1 else "beam search"
-    source = str(run_config["server-eval-data"]) or "the embedded test split"
+    source = str(run_config["server-eval-data"]) or f"the {run_config['data-scenario']} scenario's test split"
     return (f"server-side validation {SELECTION_METRIC} on {records} records of the server's evaluation set "
             f"({source}), {decoding} (eval-beam-size {beam})")
 

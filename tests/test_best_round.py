@@ -90,7 +90,7 @@ def test_best_moves_to_a_later_round_that_scores_higher_and_the_summary_names_it
     assert "## Best round: checkpoints/BEST" in summary
     assert "- BEST: round 2 (checkpoints/round-0002), CIDEr-D 1.5180" in summary
     assert ("- picked by: server-side validation CIDEr-D on 300 records of the server's evaluation set (the "
-            "embedded test split), greedy decoding (eval-beam-size 1); higher is better, ties go to the earlier "
+            "embedded scenario's test split), greedy decoding (eval-beam-size 1); higher is better, ties go to the earlier "
             "round") in summary
     assert "- round 0, the start (fresh): CIDEr-D 1.1510 (BEST is +0.3670)" in summary
     assert "- last round, 4: CIDEr-D 1.5180 (BEST is +0.0000)" in summary

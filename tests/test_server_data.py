@@ -7,8 +7,9 @@ from deploy.site_folders import write_coco_folder
 from server.server_data import server_eval_set, server_vocabulary
 from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
 from shared_model.data.vocab import Vocabulary
+from shared_model.run_settings import default_run_config
 
-RC = {"seed": 0, "server-eval-size": 20}
+RC = {**default_run_config(), "server-eval-size": 20}
 
 
 def test_defaults_are_the_embedded_vocabulary_and_test_split():
