@@ -1,7 +1,11 @@
-"""Real Flower simulations (local SuperLink, Ray, ClientApp + ServerApp) on a tiny captioner."""
+"""Real Flower simulations (local SuperLink, Ray, ClientApp + ServerApp) on a tiny captioner. A run
+that several tests only read is made once for the module (`private_run`); a run that tests one
+failure is its own."""
 
+import functools
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,10 +79,28 @@ def dp_lines(path):
     return [r for r in PrivacyLedger(path).records() if r["kind"] == "dp-sgd"]
 
 
-def test_private_simulation_writes_each_site_ledger(tmp_path, flwr_home, sites2):
-    result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                            overrides=overrides(num_server_rounds=2, target_epsilon=8.0, run_epsilon=8.0))
-    run_dir = result["run_dir"]
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory, flwr_home, sites2):
+    """One private simulation for every test below that only reads its outputs: public pretraining ->
+    federated DP fine-tuning of fusion+decoder from it (init-from), 2 rounds, each site's budget and
+    the run's allowance 8, ghost clipping with variable physical batches."""
+    from runners.flower_runtime import default_run_config
+    from simulations.pretrained import pretrain_for
+
+    root = tmp_path_factory.mktemp("private-run")
+    rc = overrides(num_server_rounds=2, trainable="fusion+decoder", target_epsilon=8.0, run_epsilon=8.0,
+                   grad_sample_mode="ghost", physical_batch_shape="variable")
+    checkpoint, _ = pretrain_for({**default_run_config(), **rc}, cache=root / "pretrained", log=lambda s: None,
+                                 train_size=300, epochs=2, batch_size=32)
+    result = run_simulation([sites2], output_dir=root / "runs", timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
+                            overrides={**rc, "init-from": str(checkpoint)})
+    return SimpleNamespace(run_dir=result["run_dir"], output_dir=root / "runs", checkpoint=checkpoint)
+
+
+def test_private_simulation_writes_each_site_ledger(private_run):
+    from shared_model.model.checkpoint import checkpoint_sha256
+
+    run_dir = private_run.run_dir
     for site in ("site-0", "site-1"):
         lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
         assert [r["kind"] for r in lines] == ["count-gaussian", "grant", "dp-sgd", "dp-sgd"]
@@ -86,21 +108,18 @@ def test_private_simulation_writes_each_site_ledger(tmp_path, flwr_home, sites2)
         assert [r["server_round"] for r in records] == [1, 2]
         assert records[0]["epsilon"] < records[-1]["epsilon"] <= 8.0  # calibrated to the grant over the plan
         assert records[-1]["epsilon"] > 8.0 * 0.9 and records[-1]["records_retired"] == 0
+        # the ledger names the checkpoint the run started from
+        assert {r["init_checkpoint"] for r in lines[1:]} == {checkpoint_sha256(private_run.checkpoint)}
     summary = (run_dir / "summary.md").read_text()
     assert "| site-0 |" in summary and "| site-1 |" in summary
     assert "## Where each site's train message spent its time" in summary and "| 2 | site-1 |" in summary
     # simulated sites whose ledgers live in the run folder are new every run: nothing to witness
-    state = json.loads((tmp_path / "federation-state.json").read_text())
+    state = json.loads((private_run.output_dir / "federation-state.json").read_text())
     assert state["sites"] == {}
 
 
-def test_a_private_simulation_with_ghost_clipping_completes(tmp_path, flwr_home, sites2):
-    result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                            overrides=overrides(num_server_rounds=1, grad_sample_mode="ghost",
-                                                physical_batch_shape="variable"))
-    run_dir = result["run_dir"]
-    for site in ("site-0", "site-1"):
-        assert [r["server_round"] for r in dp_lines(run_dir / "sites" / site / "ledger.jsonl")] == [1]
+def test_a_private_simulation_with_ghost_clipping_completes(private_run):
+    run_dir = private_run.run_dir
     assert "ended: completed" in (run_dir / "summary.md").read_text()
     assert json.loads((run_dir / "run_config.json").read_text())["grad-sample-mode"] == "ghost"
 
@@ -138,28 +157,30 @@ def test_ledgers_continue_across_runs_and_the_server_witnesses_them(tmp_path, fl
     assert main(["audit", str(state), "--federation-state", str(runs / "federation-state.json")]) == 1
 
 
-# Issue 12: bad settings end the run as failed before any site trains, the key named in the log. The
-# pure schema check covers every case (tests/test_run_settings.py); these go through the real ServerApp
-# (flwr_run directly: the simulation runner would refuse them before Flower starts).
-SERVER_APP_CASES = [{"lr": "fast"}, {"target-delta": 1.5}, {"num-server-rounds": 0}]
-
-
-@pytest.mark.parametrize("bad", SERVER_APP_CASES, ids=[str(c) for c in SERVER_APP_CASES])
-def test_the_server_app_refuses_a_bad_setting_before_round_1(tmp_path, flwr_home, bad):
-    key, value = next(iter(bad.items()))
-    run_id, status, log = flwr_run({**overrides(num_server_rounds=1), "output-dir": str(tmp_path), **bad},
+def test_the_server_app_refuses_a_bad_setting_before_round_1(tmp_path, flwr_home):
+    """Issue 12: a bad setting ends the run as failed before any site trains, the key and the value
+    named in the log. The schema check covers every key (tests/test_run_settings.py), and the runner
+    refuses a bad setting before Flower starts (test_the_simulation_runner_refuses_a_bad_setting_
+    before_flower_starts there); this one real launch goes past the runner (flwr_run directly) to
+    show the ServerApp itself refuses it first thing."""
+    run_id, status, log = flwr_run({**overrides(num_server_rounds=1), "output-dir": str(tmp_path), "target-delta": 1.5},
                                    flower_env(flwr_home), timeout=TIMEOUT, stream_to=None,
                                    extra_args=["--federation-config", "num-supernodes=2"])
     assert status == "finished:failed"
-    assert f"FedCap run refused: invalid run config: {key} must be" in log and f"got {value!r}" in log
+    assert "FedCap run refused: invalid run config: target-delta must be" in log and "got 1.5" in log
     assert "[ROUND 1" not in log and not (tmp_path / f"run-{run_id}").exists()  # nothing trained, nothing written
-    with pytest.raises(TypeError if key == "lr" else ValueError, match=key):  # the runner: before Flower starts
-        run_simulation([], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None, overrides=bad)
 
 
-def test_a_round_in_which_no_site_trained_fails_the_run_naming_each_site_error(tmp_path, sites2, capsys):
+def test_a_round_in_which_no_site_trained_fails_the_run_naming_each_site_error(tmp_path, sites2, capsys,
+                                                                              monkeypatch):
     # through the command line; a setting only the sites can check (canary-site beyond the 2
-    # partitions): every ClientApp raises
+    # partitions): every ClientApp raises. The command line first pretrains on public data and starts
+    # the federation from it: here on 300 public records for one epoch, cached in tmp_path (the main
+    # job's 20k x 6 epochs would take minutes on a fresh clone)
+    import simulations.pretrained
+
+    monkeypatch.setattr(simulations.pretrained, "pretrain_for", functools.partial(
+        simulations.pretrained.pretrain_for, cache=tmp_path / "pretrained", train_size=300, epochs=1))
     scenario = tmp_path / "broken-sites.toml"
     scenario.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides(
         num_server_rounds=2, dp=False, canary_count=2, canary_site=5).items()))
@@ -167,6 +188,8 @@ def test_a_round_in_which_no_site_trained_fails_the_run_naming_each_site_error(t
     assert "ended with status 'finished:failed'" in capsys.readouterr().err
     assert superlink_pids(ROOT / ".fedcap" / "flwr-home") == []  # the runner's SuperLink has exited
     (run_dir,) = tmp_path.glob("run-*")
+    started = json.loads((run_dir / "init_checkpoint.json").read_text())  # from the public checkpoint
+    assert started["source"] == "init-from" and started["checkpoint"].startswith(str(tmp_path / "pretrained"))
     summary = (run_dir / "summary.md").read_text()
     assert "ended: failed: round 1: 0 site(s) trained, fewer than min-train-nodes 2" in summary
     assert summary.count("canary-site must be in [0, 2), got 5") >= 2  # every site's own error text
@@ -203,26 +226,19 @@ def test_a_corrupt_resume_checkpoint_fails_the_run_naming_the_file(tmp_path, flw
     assert superlink_pids(flwr_home) == []  # stop_superlink waits until it has exited
 
 
-def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_home, sites2):
+def test_federation_fine_tunes_a_public_pretrained_checkpoint(private_run):
     """Public pretraining -> federated DP fine-tuning of fusion+decoder from it (init-from)."""
     import torch
 
+    from shared_model.data.synthetic import load_embedded
     from shared_model.evaluation.evaluator import evaluate
     from shared_model.model.checkpoint import checkpoint_sha256, load_checkpoint
     from shared_model.model.trainable import parameter_group
-    from runners.flower_runtime import default_run_config
-    from simulations.pretrained import pretrain_for
 
-    rc = overrides(num_server_rounds=2, trainable="fusion+decoder", target_epsilon=8.0)
-    checkpoint, public = pretrain_for({**default_run_config(), **rc}, cache=tmp_path / "pretrained",
-                                      log=lambda s: None, train_size=300, epochs=2, batch_size=32)
-    result = run_simulation([sites2], output_dir=tmp_path / "runs", timeout=TIMEOUT, flwr_home=flwr_home,
-                            stream_to=None, overrides={**rc, "init-from": str(checkpoint)})
-    run_dir = result["run_dir"]
+    run_dir, checkpoint = private_run.run_dir, private_run.checkpoint
     assert json.loads((run_dir / "init_checkpoint.json").read_text()) == {
         "source": "init-from", "checkpoint": str(checkpoint), "init-checkpoint": checkpoint_sha256(checkpoint)}
     pretrained, vocab, _ = load_checkpoint(checkpoint)
-    from shared_model.data.synthetic import load_embedded
     expected, _ = evaluate(pretrained, load_embedded("test", 30, image_size=32), vocab, meteor=False)
     rows = rounds(run_dir)
     assert rows[0]["CIDEr-D"] == pytest.approx(expected["CIDEr-D"])  # round 0 is the public-only model
@@ -232,10 +248,7 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(tmp_path, flwr_hom
             assert torch.allclose(p, q, atol=1e-6), name
         else:
             assert not torch.equal(p, q), name
-    for site in ("site-0", "site-1"):
-        lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
-        assert [r["kind"] for r in lines] == ["count-gaussian", "grant", "dp-sgd", "dp-sgd"]
-        assert {r["init_checkpoint"] for r in lines[1:]} == {checkpoint_sha256(checkpoint)}  # the ledger names it
+    # the sites' ledger lines name it: test_private_simulation_writes_each_site_ledger
 
 
 def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr_home, sites2):

@@ -148,3 +148,20 @@ def test_no_code_reads_a_run_config_key_with_a_fallback_of_its_own():
                         and ast.unparse(node.func.value) in ("run_config", "rc", "context.run_config")):
                     found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
     assert not found, found
+
+
+# issue 12's bad settings as the simulation runner meets them: refused before Flower starts, a wrong
+# type as a TypeError and a wrong value as a ValueError naming the key (the ServerApp's own refusal:
+# one real launch in tests/test_federated.py)
+RUNNER_CASES = [{"lr": "fast"}, {"target-delta": 1.5}, {"num-server-rounds": 0}]
+
+
+@pytest.mark.parametrize("bad", RUNNER_CASES, ids=[str(c) for c in RUNNER_CASES])
+def test_the_simulation_runner_refuses_a_bad_setting_before_flower_starts(tmp_path, bad):
+    from simulations.run import run_simulation
+
+    key = next(iter(bad))
+    with pytest.raises(TypeError if key == "lr" else ValueError, match=key):
+        run_simulation([], output_dir=tmp_path, timeout=60, flwr_home=tmp_path / "flwr-home", stream_to=None,
+                       overrides=bad)
+    assert not list(tmp_path.glob("run-*"))  # nothing started, nothing written
