@@ -1,8 +1,15 @@
 import json
+import os
 import warnings
 
-import pytest
-import torch
+# One thread per process, set before torch loads and inherited by every process the suite starts (Flower's
+# SuperLink, SuperNodes, ServerApp and ClientApps, Ray's actors): a run is several processes on 2 cores, and
+# torch's default of one thread per core makes them wait on each other (a DP test ~4x slower beside any
+# other busy process). An explicit OMP_NUM_THREADS is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from shared_model.model.config import CaptionerConfig
 
@@ -102,3 +109,8 @@ def rewrite_ledger(path, edit) -> None:
         r["hash"] = record_hash(r)
         prev = r["hash"]
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reads_run(name): the test reads the outputs of the module's run `name` "
+                                       "(tests/test_federated.py starts the runs its selected tests read)")

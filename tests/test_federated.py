@@ -1,36 +1,37 @@
-"""Real Flower simulations (local SuperLink, Ray, ClientApp + ServerApp) on a tiny captioner. A run
-that several tests only read is made once for the module (`private_run`); a run that tests one
-failure is its own."""
+"""Real Flower simulations (local SuperLink, Ray, ClientApp + ServerApp) on a tiny captioner.
+
+Each run is made once and read by the tests that need it (`@pytest.mark.reads_run(name)`): one private
+run serves every test that only reads its outputs, a run that tests one failure is its own. The
+module's runs are started together when it starts, two at a time, each on its own FLWR_HOME (local
+SuperLink): a Flower run is a few processes that mostly wait on each other, so two share 2 cores well.
+A test waits for the run it reads; the command-line test starts its own."""
 
 import functools
 import json
+import queue
 import shutil
-from types import SimpleNamespace
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from runners.cli import main
+from runners.flower_runtime import ROOT, RunFailed, flower_env, flwr_run, superlink_pids
 from server.selection import best_round
 from shared_model.model.checkpoint import save_checkpoint
 from shared_model.privacy.ledger import PrivacyLedger
-from runners.cli import main
-from runners.flower_runtime import ROOT, RunFailed, flower_env, flwr_run, superlink_pids
+from shared_model.run_settings import default_run_config
+from simulations.pretrained import pretrain_for
 from simulations.run import main as simulation_main
 from simulations.run import run_simulation, stop_superlink
 
 TINY = dict(train_size=300, server_eval_size=30, image_size=32, model_d_model=32, model_num_heads=2,
             model_ffn_dim=32, batch_size=32, model_dropout=0.0)
 TIMEOUT = 600
+WORKERS = int(__import__("os").environ.get("W", "2"))
 
 
 def overrides(**kw):
     return {k.replace("_", "-"): v for k, v in {**TINY, **kw}.items()}
-
-
-@pytest.fixture(scope="module")
-def flwr_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
-    yield home
-    stop_superlink(home)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,149 @@ def rounds(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites2):
+def dp_lines(path):
+    return [r for r in PrivacyLedger(path).records() if r["kind"] == "dp-sgd"]
+
+
+def simulate(home, scenario, out, **kw):
+    return run_simulation([scenario], output_dir=out, timeout=TIMEOUT, flwr_home=home, stream_to=None,
+                          overrides=overrides(**kw))
+
+
+# ---- the module's runs: job(flwr_home, output folder, the 2-site scenario) -------------------------
+
+def plain_run(home, out, sites2):
+    # non-private, so that a tiny model learns visibly in a few rounds
+    return simulate(home, sites2, out, num_server_rounds=3, local_epochs=3, dp=False, lr=0.005)
+
+
+PRIVATE = dict(num_server_rounds=2, trainable="fusion+decoder", target_epsilon=8.0, run_epsilon=8.0,
+               grad_sample_mode="ghost", physical_batch_shape="variable")
+
+
+def private_run(home, out, sites2):
+    """Public pretraining -> federated DP fine-tuning of fusion+decoder from it (init-from), 2 rounds,
+    each site's budget and the run's allowance 8, ghost clipping with variable physical batches."""
+    checkpoint, _ = pretrain_for({**default_run_config(), **overrides(**PRIVATE)}, cache=out / "pretrained",
+                                 log=lambda s: None, train_size=300, epochs=2, batch_size=32)
+    return simulate(home, sites2, out / "runs", **PRIVATE, init_from=str(checkpoint)), checkpoint
+
+
+def runs_on_one_state_dir(home, out, sites2):
+    """Two runs whose sites keep their ledgers in one state dir, then an attack on it (the test
+    below); what the test checks between the runs is read here, as it happened."""
+    state, runs = out / "site-state", out / "runs"
+    common = dict(num_server_rounds=2, site_state_dir=str(state), noise_multiplier=1.0, run_epsilon=100.0,
+                  target_epsilon=100.0)
+    seen = {"first": simulate(home, sites2, runs, **common)}
+    seen["after-first"] = dp_lines(state / "site-0" / "ledger.jsonl")
+    seen["second"] = simulate(home, sites2, runs, **common)
+    seen["after-second"] = dp_lines(state / "site-0" / "ledger.jsonl")
+    seen["witnessed"] = json.loads((runs / "federation-state.json").read_text())["sites"]
+    # attack: site-0's whole state dir is lost, and the server asks for a fixed noise that would pass the
+    # sites' grants
+    shutil.rmtree(state / "site-0")
+    try:
+        seen["attack"] = simulate(home, sites2, runs, **{**common, "run_epsilon": 0.5})
+    except RunFailed as e:
+        seen["attack"] = e
+    return seen
+
+
+def bad_setting_run(home, out, sites2):
+    # flwr_run directly: the simulation runner would refuse it before Flower starts
+    return flwr_run({**overrides(num_server_rounds=1), "output-dir": str(out), "target-delta": 1.5},
+                    flower_env(home), timeout=TIMEOUT, stream_to=None,
+                    extra_args=["--federation-config", "num-supernodes=2"])
+
+
+def too_few_nodes_run(home, out, sites2):
+    return simulate(home, sites2, out, num_server_rounds=1, min_available_nodes=3, node_wait_timeout=3.0)
+
+
+def corrupt_resume_run(home, out, sites2):
+    from shared_model.data.synthetic import synthetic_vocabulary
+    from shared_model.model.captioner import Captioner
+
+    from conftest import tiny_config
+
+    vocab = synthetic_vocabulary()
+    checkpoint = save_checkpoint(out / "ckpt", Captioner(tiny_config(vocab_size=len(vocab))), vocab)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    try:
+        return simulate(home, sites2, out, num_server_rounds=1, resume_from=str(checkpoint))
+    finally:  # stop_superlink waits until it has exited: the test checks
+        stop_superlink(home)
+        (out / "superlinks-left.json").write_text(json.dumps(superlink_pids(home)))
+
+
+def private_vocabulary_run(home, out, sites2):
+    return simulate(home, sites2, out, num_server_rounds=1, local_epochs=1, vocab_source="private",
+                    vocab_noise_multiplier=1.0, vocab_max_words_per_record=6, target_epsilon=16.0, run_epsilon=16.0)
+
+
+def no_words_run(home, out, sites2):
+    return simulate(home, sites2, out, num_server_rounds=1, vocab_source="private", vocab_noise_multiplier=50.0)
+
+
+JOBS = {job.__name__: job for job in (  # the longest first
+    runs_on_one_state_dir, private_run, plain_run, private_vocabulary_run, no_words_run, too_few_nodes_run,
+    corrupt_resume_run, bad_setting_run)}
+
+
+class Launches:
+    """Jobs run WORKERS at a time, each on a FLWR_HOME of its own while it runs; `result(name)`
+    returns what the job returned or raises what it raised; `out[name]` is its output folder."""
+
+    def __init__(self, homes: list) -> None:
+        self._homes: queue.Queue = queue.Queue()
+        for home in homes:
+            self._homes.put(home)
+        self._pool = ThreadPoolExecutor(len(homes), thread_name_prefix="flower-run")
+        self._futures: dict = {}
+        self.out: dict = {}
+
+    def start(self, name: str, out, *args) -> None:
+        self.out[name] = out
+        self._futures[name] = self._pool.submit(self._on_a_home, JOBS[name], out, *args)
+
+    def _on_a_home(self, job, out, *args):
+        home = self._homes.get()
+        try:
+            return job(home, out, *args)
+        finally:
+            self._homes.put(home)
+
+    def result(self, name: str):
+        return self._futures[name].result(timeout=3 * TIMEOUT)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def launches(request, tmp_path_factory, sites2):
+    """Starts the runs that this session's selected tests read (their `reads_run` marks)."""
+    wanted = {mark.args[0] for item in request.session.items if item.module is request.module
+              for mark in item.iter_markers("reads_run")}
+    homes = [tmp_path_factory.mktemp("flwr-home") for _ in range(WORKERS)]
+    pool = Launches(homes)
+    for name in JOBS:
+        if name in wanted:
+            pool.start(name, tmp_path_factory.mktemp(name.replace("_", "-")), sites2)
+    yield pool
+    pool.close()
+    for home in homes:
+        stop_superlink(home)
+
+
+# ---- the tests ----------------------------------------------------------------------------------
+
+@pytest.mark.reads_run("plain_run")
+def test_federated_training_improves_the_global_model(launches):
     # non-private, so that a tiny model learns visibly in a few rounds (DP runs: the tests below)
-    result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                            overrides=overrides(num_server_rounds=3, local_epochs=3, dp=False, lr=0.005))
-    run_dir = result["run_dir"]
+    run_dir = launches.result("plain_run")["run_dir"]
     rows = rounds(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     cider = [r["CIDEr-D"] for r in rows]
@@ -75,32 +214,12 @@ def test_federated_training_improves_the_global_model(tmp_path, flwr_home, sites
     assert (run_dir / "gallery" / "05.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def dp_lines(path):
-    return [r for r in PrivacyLedger(path).records() if r["kind"] == "dp-sgd"]
-
-
-@pytest.fixture(scope="module")
-def private_run(tmp_path_factory, flwr_home, sites2):
-    """One private simulation for every test below that only reads its outputs: public pretraining ->
-    federated DP fine-tuning of fusion+decoder from it (init-from), 2 rounds, each site's budget and
-    the run's allowance 8, ghost clipping with variable physical batches."""
-    from runners.flower_runtime import default_run_config
-    from simulations.pretrained import pretrain_for
-
-    root = tmp_path_factory.mktemp("private-run")
-    rc = overrides(num_server_rounds=2, trainable="fusion+decoder", target_epsilon=8.0, run_epsilon=8.0,
-                   grad_sample_mode="ghost", physical_batch_shape="variable")
-    checkpoint, _ = pretrain_for({**default_run_config(), **rc}, cache=root / "pretrained", log=lambda s: None,
-                                 train_size=300, epochs=2, batch_size=32)
-    result = run_simulation([sites2], output_dir=root / "runs", timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                            overrides={**rc, "init-from": str(checkpoint)})
-    return SimpleNamespace(run_dir=result["run_dir"], output_dir=root / "runs", checkpoint=checkpoint)
-
-
-def test_private_simulation_writes_each_site_ledger(private_run):
+@pytest.mark.reads_run("private_run")
+def test_private_simulation_writes_each_site_ledger(launches):
     from shared_model.model.checkpoint import checkpoint_sha256
 
-    run_dir = private_run.run_dir
+    result, checkpoint = launches.result("private_run")
+    run_dir = result["run_dir"]
     for site in ("site-0", "site-1"):
         lines = PrivacyLedger(run_dir / "sites" / site / "ledger.jsonl").records()
         assert [r["kind"] for r in lines] == ["count-gaussian", "grant", "dp-sgd", "dp-sgd"]
@@ -109,63 +228,57 @@ def test_private_simulation_writes_each_site_ledger(private_run):
         assert records[0]["epsilon"] < records[-1]["epsilon"] <= 8.0  # calibrated to the grant over the plan
         assert records[-1]["epsilon"] > 8.0 * 0.9 and records[-1]["records_retired"] == 0
         # the ledger names the checkpoint the run started from
-        assert {r["init_checkpoint"] for r in lines[1:]} == {checkpoint_sha256(private_run.checkpoint)}
+        assert {r["init_checkpoint"] for r in lines[1:]} == {checkpoint_sha256(checkpoint)}
     summary = (run_dir / "summary.md").read_text()
     assert "| site-0 |" in summary and "| site-1 |" in summary
     assert "## Where each site's train message spent its time" in summary and "| 2 | site-1 |" in summary
     # simulated sites whose ledgers live in the run folder are new every run: nothing to witness
-    state = json.loads((private_run.output_dir / "federation-state.json").read_text())
+    state = json.loads((run_dir.parent / "federation-state.json").read_text())
     assert state["sites"] == {}
 
 
-def test_a_private_simulation_with_ghost_clipping_completes(private_run):
-    run_dir = private_run.run_dir
+@pytest.mark.reads_run("private_run")
+def test_a_private_simulation_with_ghost_clipping_completes(launches):
+    run_dir = launches.result("private_run")[0]["run_dir"]
     assert "ended: completed" in (run_dir / "summary.md").read_text()
     assert json.loads((run_dir / "run_config.json").read_text())["grad-sample-mode"] == "ghost"
 
 
-def test_ledgers_continue_across_runs_and_the_server_witnesses_them(tmp_path, flwr_home, sites2):
-    state = tmp_path / "site-state"
-    common = dict(num_server_rounds=2, site_state_dir=str(state), noise_multiplier=1.0, run_epsilon=100.0)
-    runs = tmp_path / "runs"
-    first = run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
-                           stream_to=None, overrides=overrides(target_epsilon=100.0, **common))
-    after_first = dp_lines(state / "site-0" / "ledger.jsonl")
+@pytest.mark.reads_run("runs_on_one_state_dir")
+def test_ledgers_continue_across_runs_and_the_server_witnesses_them(launches):
+    seen = launches.result("runs_on_one_state_dir")
+    state, runs = launches.out["runs_on_one_state_dir"] / "site-state", launches.out["runs_on_one_state_dir"] / "runs"
+    first, second, after_first, records = seen["first"], seen["second"], seen["after-first"], seen["after-second"]
     assert len(after_first) == 2
-    second = run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
-                            stream_to=None, overrides=overrides(target_epsilon=100.0, **common))
-    records = dp_lines(state / "site-0" / "ledger.jsonl")
     assert len(records) == 4 and records[2]["run_id"] == second["run_id"] != first["run_id"]
     assert records[2]["epsilon"] > after_first[-1]["epsilon"]  # continues, does not restart at round 1's value
-    witnessed = json.loads((runs / "federation-state.json").read_text())["sites"]
+    witnessed = seen["witnessed"]
     assert witnessed["site-0"]["lines"] == 8 and witnessed["site-0"]["run_id"] == second["run_id"]  # 2 x 4 lines
 
     # attack: site-0's whole state dir is lost, and the server asks for a fixed noise that would pass the
     # sites' grants. site-0 must refuse (the witness), site-1 must refuse (the noise): nothing trains, the run fails
-    shutil.rmtree(state / "site-0")
-    with pytest.raises(RunFailed) as err:
-        run_simulation([sites2], output_dir=runs, timeout=TIMEOUT, flwr_home=flwr_home,
-                       stream_to=None, overrides=overrides(target_epsilon=100.0, **{**common, "run_epsilon": 0.5}))
-    assert err.value.status == "finished:failed"
+    err = seen["attack"]
+    assert isinstance(err, RunFailed), f"the attack's run completed: {err}"
+    assert err.status == "finished:failed"
     assert not (state / "site-0" / "ledger.jsonl").exists()  # refused before writing anything
     assert len(dp_lines(state / "site-1" / "ledger.jsonl")) == 4  # nothing trained (the run's count is kept)
-    summary = (err.value.run_dir / "summary.md").read_text()
+    summary = (err.run_dir / "summary.md").read_text()
     assert "ended: failed" in summary and "rounds trained: 0 of 2" in summary
     assert "lost or rolled back" in summary and "| refused |" in summary and "would spend" in summary
-    checkpoints = err.value.run_dir / "checkpoints"  # nothing trained: BEST is the start, no LATEST
+    checkpoints = err.run_dir / "checkpoints"  # nothing trained: BEST is the start, no LATEST
     assert (checkpoints / "BEST").read_text() == "round-0000\n" and not (checkpoints / "LATEST").exists()
     assert main(["audit", str(state), "--federation-state", str(runs / "federation-state.json")]) == 1
 
 
-def test_the_server_app_refuses_a_bad_setting_before_round_1(tmp_path, flwr_home):
+@pytest.mark.reads_run("bad_setting_run")
+def test_the_server_app_refuses_a_bad_setting_before_round_1(launches):
     """Issue 12: a bad setting ends the run as failed before any site trains, the key and the value
     named in the log. The schema check covers every key (tests/test_run_settings.py), and the runner
     refuses a bad setting before Flower starts (test_the_simulation_runner_refuses_a_bad_setting_
     before_flower_starts there); this one real launch goes past the runner (flwr_run directly) to
     show the ServerApp itself refuses it first thing."""
-    run_id, status, log = flwr_run({**overrides(num_server_rounds=1), "output-dir": str(tmp_path), "target-delta": 1.5},
-                                   flower_env(flwr_home), timeout=TIMEOUT, stream_to=None,
-                                   extra_args=["--federation-config", "num-supernodes=2"])
+    run_id, status, log = launches.result("bad_setting_run")
+    tmp_path = launches.out["bad_setting_run"]
     assert status == "finished:failed"
     assert "FedCap run refused: invalid run config: target-delta must be" in log and "got 1.5" in log
     assert "[ROUND 1" not in log and not (tmp_path / f"run-{run_id}").exists()  # nothing trained, nothing written
@@ -198,35 +311,28 @@ def test_a_round_in_which_no_site_trained_fails_the_run_naming_each_site_error(t
     assert (run_dir / "checkpoints" / "BEST").read_text() == "round-0000\n"  # the start, never worse than it
 
 
-def test_too_few_connected_nodes_fail_the_run_after_node_wait_timeout(tmp_path, flwr_home, sites2):
+@pytest.mark.reads_run("too_few_nodes_run")
+def test_too_few_connected_nodes_fail_the_run_after_node_wait_timeout(launches):
     # Flower alone would wait forever for a third node ("1 connected (minimum required: 2)" in issue 12)
     with pytest.raises(RunFailed) as err:
-        run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                       overrides=overrides(num_server_rounds=1, min_available_nodes=3, node_wait_timeout=3.0))
+        launches.result("too_few_nodes_run")
     summary = (err.value.run_dir / "summary.md").read_text()
     assert "2 node(s) connected, fewer than the 3 needed" in summary and "node-wait-timeout 3 s" in summary
 
 
-def test_a_corrupt_resume_checkpoint_fails_the_run_naming_the_file(tmp_path, flwr_home, sites2):
-    from shared_model.data.synthetic import synthetic_vocabulary
-    from shared_model.model.captioner import Captioner
-
-    from conftest import tiny_config
-
-    vocab = synthetic_vocabulary()
-    checkpoint = save_checkpoint(tmp_path / "ckpt", Captioner(tiny_config(vocab_size=len(vocab))), vocab)
-    weights = checkpoint / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+@pytest.mark.reads_run("corrupt_resume_run")
+def test_a_corrupt_resume_checkpoint_fails_the_run_naming_the_file(launches):
     with pytest.raises(RunFailed) as err:
-        run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                       overrides=overrides(num_server_rounds=1, resume_from=str(checkpoint)))
+        launches.result("corrupt_resume_run")
+    out = launches.out["corrupt_resume_run"]
+    weights = out / "ckpt" / "model.safetensors"  # truncated to 100 bytes
     assert err.value.status == "finished:failed"
     assert f"FedCap run refused: resume-from: checkpoint weights {weights} (100 bytes) are corrupt" in err.value.log
-    stop_superlink(flwr_home)
-    assert superlink_pids(flwr_home) == []  # stop_superlink waits until it has exited
+    assert json.loads((out / "superlinks-left.json").read_text()) == []  # stop_superlink waits until it has exited
 
 
-def test_federation_fine_tunes_a_public_pretrained_checkpoint(private_run):
+@pytest.mark.reads_run("private_run")
+def test_federation_fine_tunes_a_public_pretrained_checkpoint(launches):
     """Public pretraining -> federated DP fine-tuning of fusion+decoder from it (init-from)."""
     import torch
 
@@ -235,7 +341,8 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(private_run):
     from shared_model.model.checkpoint import checkpoint_sha256, load_checkpoint
     from shared_model.model.trainable import parameter_group
 
-    run_dir, checkpoint = private_run.run_dir, private_run.checkpoint
+    result, checkpoint = launches.result("private_run")
+    run_dir = result["run_dir"]
     assert json.loads((run_dir / "init_checkpoint.json").read_text()) == {
         "source": "init-from", "checkpoint": str(checkpoint), "init-checkpoint": checkpoint_sha256(checkpoint)}
     pretrained, vocab, _ = load_checkpoint(checkpoint)
@@ -251,15 +358,12 @@ def test_federation_fine_tunes_a_public_pretrained_checkpoint(private_run):
     # the sites' ledger lines name it: test_private_simulation_writes_each_site_ledger
 
 
-def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr_home, sites2):
-    from shared_model.data.vocab import Vocabulary
+@pytest.mark.reads_run("private_vocabulary_run")
+def test_private_vocabulary_round_builds_the_model_and_is_audited(launches):
     from shared_model.audit.ledger_audit import audit
+    from shared_model.data.vocab import Vocabulary
 
-    result = run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                            overrides=overrides(num_server_rounds=1, local_epochs=1, vocab_source="private",
-                                                vocab_noise_multiplier=1.0, vocab_max_words_per_record=6,
-                                                target_epsilon=16.0, run_epsilon=16.0))
-    run_dir = result["run_dir"]
+    run_dir = launches.result("private_vocabulary_run")["run_dir"]
     vocab = Vocabulary.load(run_dir / "vocab.json")
     assert 10 < len(vocab) and vocab == Vocabulary.load(run_dir / "checkpoints" / "round-0001" / "vocab.json")
     for site in ("site-0", "site-1"):
@@ -282,10 +386,10 @@ def test_private_vocabulary_round_builds_the_model_and_is_audited(tmp_path, flwr
     assert "## Private vocabulary (before round 1)" in summary and "| site-0 |" in summary
 
 
-def test_a_private_vocabulary_without_words_fails_the_run_by_name(tmp_path, flwr_home, sites2):
+@pytest.mark.reads_run("no_words_run")
+def test_a_private_vocabulary_without_words_fails_the_run_by_name(launches):
     with pytest.raises(RunFailed) as err:
-        run_simulation([sites2], output_dir=tmp_path, timeout=TIMEOUT, flwr_home=flwr_home, stream_to=None,
-                       overrides=overrides(num_server_rounds=1, vocab_source="private", vocab_noise_multiplier=50.0))
+        launches.result("no_words_run")
     assert err.value.status == "finished:failed"
     assert "no word cleared any site's threshold (vocab-noise-multiplier 50" in err.value.log
     for site in ("site-0", "site-1"):  # the release was spent and recorded all the same
