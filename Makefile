@@ -28,8 +28,11 @@ run: $(STAMP)
 stop:  # stop the local SuperLink that `flwr run` leaves running
 	$(BIN)/python -m simulations.run --stop-superlink
 
+# Test files run in TEST_WORKERS processes (pytest-xdist, a file per process): most of the suite's time is
+# Flower runs waiting on their processes and timeouts, which two files share well on 2 cores.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/synthetic_speed.py
