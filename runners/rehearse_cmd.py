@@ -6,7 +6,8 @@ Sites of the real sites' sizes (--records, as for `fedcap plan`) are cut from pu
 trains with the site's own DP rules (its noisy count, grant, noise multiplier, sample rate, steps,
 clipping) in temporary ledgers, FedAvg joins them, and the server's evaluation scores every round
 (simulations/rehearsal.py). The chosen point has the highest best-round CIDEr-D (ties: fewer
-trainable parameters). Public data only: no site budget is spent."""
+trainable parameters); when no point scores above round 0, none is chosen and the run config's own
+settings are written, with a warning. Public data only: no site budget is spent."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def run_rehearse_cmd(args: argparse.Namespace) -> int:
     from deploy.local import run_overrides
     from shared_model.privacy.site_budget import BudgetExhaustedError
     from shared_model.run_settings import validate_run_config
-    from simulations.rehearsal import grid_points, rehearse
+    from simulations.rehearsal import GRID_KEYS, grid_points, rehearse
 
     from .centralized import resolve_device
     from .flower_runtime import default_run_config
@@ -99,15 +100,24 @@ def run_rehearse_cmd(args: argparse.Namespace) -> int:
             raise ValueError(str(e)) from None
     table = result.table()
     chosen = result.chosen
-    written = {**overrides, **chosen.settings}
+    if chosen is None:  # nothing to choose by: the run config's own settings, said so
+        written = {**overrides, **{k: rc[k] for k in GRID_KEYS}}
+        verdict = (f"no grid point scored above round 0 ({result.points[0].scores[0]:.4f}) on {where}: the public "
+                   f"sites cannot rank these settings for yours (their data loses under every point). Kept the run "
+                   f"config's: " + ", ".join(f"{k} = {rc[k]!r}" for k in GRID_KEYS) +
+                   ". Rehearse on public data closer to the sites' (--public-data), or keep the defaults")
+    else:
+        written = {**overrides, **chosen.settings}
+        verdict = ("chosen: " + ", ".join(f"{k} = {v!r}" for k, v in chosen.settings.items()) +
+                   f" (best CIDEr-D {chosen.best_score:.4f} at round {chosen.best_round}; round 0 "
+                   f"{chosen.scores[0]:.4f})")
     validate_run_config({**default_run_config(), **written})
     _write_run_config(args.out, written, header=[
         "fedcap rehearse: settings chosen on public data (no site budget spent)",
         f"sites of {args.records} records, {rc['num-server-rounds']} rounds; best-round CIDEr-D on {where}", "",
-        *table.splitlines()])
+        *table.splitlines(), "", verdict])
     print("\n" + table + "\n")
-    print("chosen: " + ", ".join(f"{k} = {v!r}" for k, v in chosen.settings.items()) +
-          f" (best CIDEr-D {chosen.best_score:.4f} at round {chosen.best_round}; round 0 {chosen.scores[0]:.4f})")
+    print(("warning: " if chosen is None else "") + verdict)
     print(f"wrote {args.out}: flwr run . --run-config {args.out} | python -m simulations.run {args.out} | "
           f"python -m deploy.local --run-config {args.out}")
     if args.json:
@@ -137,7 +147,7 @@ def _data(rc: dict, args: argparse.Namespace, total: int):
         held_out, where = None, ""
     if held_out is None or rc["server-eval-data"]:  # the server's own evaluation set, the signal BEST uses
         held_out = server_eval_set(rc, image_size=size)
-        where = f"{len(held_out)} records of the server's evaluation set ({rc['server-eval-data'] or 'embedded test'})"
+        where = f"{len(held_out)} records of the server's evaluation set ({rc['server-eval-data'] or rc['data-scenario'] + ' test split'})"
     return public, held_out, where
 
 
@@ -159,5 +169,5 @@ def _write_json(path: Path, result, *, overrides: dict, held_out: str) -> None:
     points = [{**asdict(p), "best_round": p.best_round, "best_score": p.best_score, "final_score": p.final_score}
               for p in result.points]
     data = {"records": result.records, "rounds": result.rounds, "held-out": held_out, "run-config": overrides,
-            "points": points, "chosen": result.points.index(result.chosen)}
+            "points": points, "chosen": None if result.chosen is None else result.points.index(result.chosen)}
     atomic_write(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))

@@ -82,10 +82,15 @@ class Rehearsal:
     points: list[PointResult]
 
     @property
-    def chosen(self) -> PointResult:
-        """The highest best-round score; on a tie the fewer trainable parameters, then grid order."""
-        k = max(range(len(self.points)), key=lambda i: (self.points[i].best_score,
-                                                         -self.points[i].trainable_parameters, -i))
+    def chosen(self) -> PointResult | None:
+        """The highest best-round score; on a tie the fewer trainable parameters, then grid order.
+        None when no point's federation scored above the start (every best round is round 0): the
+        rehearsal then cannot tell the points apart by what they learn, only by how much they lose,
+        which says nothing about the sites (public data unlike theirs loses under every setting)."""
+        improved = [i for i, p in enumerate(self.points) if p.best_round > 0]
+        if not improved:
+            return None
+        k = max(improved, key=lambda i: (self.points[i].best_score, -self.points[i].trainable_parameters, -i))
         return self.points[k]
 
     def table(self) -> str:

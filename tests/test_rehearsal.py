@@ -81,6 +81,26 @@ def test_the_grid_is_a_table_of_one_row_per_point_and_the_chosen_point_is_writte
     assert f"| {result['chosen']} **chosen** |" in "\n".join(rows)
 
 
+def test_when_no_point_improves_on_the_start_none_is_chosen_and_the_run_configs_settings_are_written(
+        rehearsed, tmp_path, capsys):
+    """A learning rate too small to change a greedy caption: every round scores as round 0, so the
+    grid cannot be ranked by what it learns; the rehearsal says so and writes the run config's own
+    settings, not an arbitrary point."""
+    tmp, _, _, checkpoint = rehearsed
+    run_config = toml_file(tmp_path / "tiny.toml", TINY)
+    code = main(["rehearse", "--records", *RECORDS, "--rounds", "1", "--local-epochs", "1", "--lr", "1e-12", "2e-12",
+                 "--run-config", str(run_config), "--init-from", str(checkpoint), "--device", "cpu",
+                 "--out", str(tmp_path / "chosen.toml"), "--json", str(tmp_path / "rehearsal.json")])
+    assert code == 0
+    result = json.loads((tmp_path / "rehearsal.json").read_text())
+    assert [p["best_round"] for p in result["points"]] == [0, 0] and result["chosen"] is None
+    assert "warning: no grid point scored above round 0" in capsys.readouterr().out
+    text = (tmp_path / "chosen.toml").read_text()
+    rc = validate_run_config({**default_run_config(), **tomllib.loads(text)})
+    assert rc["lr"] == TINY["lr"] and rc["local-epochs"] == default_run_config()["local-epochs"]
+    assert "**chosen**" not in text and "Kept the run config's: lr = 0.003" in text
+
+
 def test_the_rehearsal_spends_no_site_budget(rehearsed):
     tmp, code, state, _ = rehearsed
     assert code == 0
@@ -148,6 +168,11 @@ def test_ties_go_to_fewer_trainable_parameters():
                                                       point("decoder", 100, [1.0, 1.2, 1.5])])
     assert result.chosen is result.points[1]
     assert (result.points[0].best_round, result.points[1].best_round) == (1, 2)
+    # a point that never beat its start is never chosen, however few its parameters
+    result = Rehearsal(records=[60], rounds=2, points=[point("all", 1000, [1.0, 1.1, 0.9]),
+                                                      point("decoder", 100, [1.0, 0.8, 0.9])])
+    assert result.chosen is result.points[0]
+    assert Rehearsal(records=[60], rounds=2, points=[point("decoder", 100, [1.0, 0.8, 0.9])]).chosen is None
 
 
 def test_fedavg_is_flowers_weighted_mean():
