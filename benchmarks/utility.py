@@ -5,6 +5,7 @@ and docs/results-utility.json.
     python benchmarks/utility.py                 # the full table, sized for <= 1 hour on 2 CPU cores
     python benchmarks/utility.py --quick         # a reduced subset (smaller sizes, fewer rows)
     python benchmarks/utility.py --device cuda   # the same table on a GPU
+    python benchmarks/utility.py --scenario shifted --sites 3 --sizes '{"train_size": 1200}'  # the content shift
 
 Rows: centralized non-private and DP; federated (4 sites) non-private and DP at epsilon 1, 2, 4, 8;
 each from scratch and from the public checkpoint (pretrained once per seed on the embedded
@@ -12,7 +13,10 @@ generator's public variant, shared by every row of that seed, so rows compare ag
 public initialisation); federated rows with IID and Dirichlet (alpha 1) partitions plus the sites'
 feature skew (the epsilon sweep on the Dirichlet split, the product's case; IID at the largest
 epsilon and non-private); each over `--seeds` seeds, reported as mean and spread (min-max). The constant-caption
-baseline and the public-only model are rows too. Scores: embedded test split, greedy decoding.
+baseline and the public-only model are rows too. Scores: the scenario's test split, greedy decoding.
+`--scenario shifted` runs every row on the content-shift scenario (simulations/scenarios/shifted.toml's
+data: the sites' content the public set rarely or never shows; its public variant and vocabulary);
+benchmarks/scenarios.py runs both scenarios through Flower with every round's score (BEST and last).
 
 Federated rows run in one process: each site's `client.trainer.train_round` (the code the
 ClientApp calls: Poisson sampling, clipping, noise, the site ledger and its budget check) and
@@ -109,7 +113,7 @@ def federated(init, sites, test, vocab, *, rounds, local_epochs, lr, eps, device
     return score(model, test, vocab, device, meteor)
 
 
-def site_splits(train, *, partitioner, seed, num_sites=4):
+def site_splits(train, *, partitioner, seed, num_sites):
     from shared_model.data.partition import partition_caption_set
     from shared_model.data.skew import apply_feature_skew, site_feature_skews
 
@@ -135,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int)
     p.add_argument("--sizes", type=json.loads, default={}, help='JSON overrides of the sizes, e.g. \'{"rounds": 2}\'')
     p.add_argument("--meteor", action="store_true", help="also METEOR (Java; slower)")
+    p.add_argument("--scenario", default="embedded", choices=("embedded", "shifted"),
+                   help="the data scenario (run-config data-scenario): its private splits, public variant, vocabulary")
+    p.add_argument("--sites", type=int, default=4, help="federated sites")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     args = p.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
     if args.seeds:
         size["seeds"] = args.seeds
     device = resolve_device(args.device)
-    vocab = synthetic_vocabulary()
+    vocab = synthetic_vocabulary(args.scenario)
     cfg = CaptionerConfig(vocab_size=len(vocab), dropout=0.0)
     rows: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
@@ -153,8 +160,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as state:
         for seed in range(size["seeds"]):
-            train = load_embedded("train", size["train_size"], seed=seed)
-            test = load_embedded("test", size["test_size"], seed=seed)
+            train = load_embedded("train", size["train_size"], seed=seed, scenario=args.scenario)
+            test = load_embedded("test", size["test_size"], seed=seed, scenario=args.scenario)
             base = trivial_baseline_predictions((c for caps in train.captions for c in caps), test.image_ids)
             add("constant caption (most frequent training caption)",
                 {k: v for k, v in caption_metrics(base, test.references(), meteor=args.meteor).items()
@@ -162,6 +169,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             run_pretrain(pretrain_config(train_size=size["public_size"], epochs=size["public_epochs"],
                                                test_size=size["test_size"], seed=seed, device=str(device),
+                                               source="public" if args.scenario == "embedded" else "shifted-public",
                                                model={"dropout": 0.0}), Path(state) / f"public-{seed}",
                                log=lambda s: None)
             public_model, _, _ = load_checkpoint(Path(state) / f"public-{seed}" / "checkpoint")
@@ -188,10 +196,10 @@ def main(argv=None) -> int:
                         centralized(init, train, test, vocab, epochs=size["central_epochs"], lr=lr(eps), eps=eps,
                                     device=device, seed=seed, meteor=args.meteor), time.perf_counter() - t)
                 for partitioner in size["partitions"]:
-                    sites = site_splits(train, partitioner=partitioner, seed=seed)
+                    sites = site_splits(train, partitioner=partitioner, seed=seed, num_sites=args.sites)
                     for eps in (None, *(size["eps"] if partitioner == "dirichlet" else size["eps"][-1:])):
                         t = time.perf_counter()
-                        add(f"federated 4 sites {partitioner}, {'DP eps %g' % eps if eps else 'non-private'}, "
+                        add(f"federated {args.sites} sites {partitioner}, {'DP eps %g' % eps if eps else 'non-private'}, "
                             f"from {start}",
                             federated(init, sites, test, vocab, rounds=size["rounds"],
                                       local_epochs=size["local_epochs"], lr=lr(eps), eps=eps, device=device, seed=seed,
@@ -205,17 +213,18 @@ def write(args, size, device, rows, seconds) -> None:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
            "device": str(device), "cpu_threads": torch.get_num_threads(), "sizes": size, "seconds": seconds,
            "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "rows": rows}
-    args.out.with_name(args.out.stem + "-utility.json").write_text(json.dumps(doc, indent=2, default=list) + "\n")
+    suffix = "" if args.scenario == "embedded" else f"-{args.scenario}"  # one block and one file per scenario
+    args.out.with_name(args.out.stem + f"-utility{suffix}.json").write_text(json.dumps(doc, indent=2, default=list) + "\n")
     lines = [f"| {name} | " + " | ".join(_cell([r.get(k) for r in runs]) for k in METRICS) + f" | {len(runs)} |"
              for name, runs in rows.items()]
     table = "\n".join(["| training | " + " | ".join(METRICS) + " | seeds |", "|---" * (len(METRICS) + 2) + "|",
                        *lines])
     print(table)
     doc_path = args.out
-    marker = "<!-- utility table -->"
+    marker = f"<!-- utility table{suffix.replace('-', ' ')} -->"
     text = doc_path.read_text() if doc_path.exists() else ""
     block = (f"{marker}\n{doc['command']} ({doc['date']}, {device}, {doc['machine']}, {seconds:.0f} s; sizes "
-             f"{json.dumps(size, default=list)}; records per site: train-size / 4 on average)\n\n{table}\n{marker}")
+             f"{json.dumps(size, default=list)}; scenario {args.scenario}; records per site: train-size / {args.sites} on average)\n\n{table}\n{marker}")
     if marker in text:
         head, _, rest = text.partition(marker)
         text = head + block + rest.partition(marker)[2]
