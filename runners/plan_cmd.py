@@ -67,5 +67,7 @@ def print_plan(rc: dict, records: list[int], *, out=print) -> list[int]:
     if dominated:
         out(f"warning: at sites {dominated} the noise added over the run is more than {NOISE_DOMINATES:g}x the "
             f"best the clipped signal can add up to: their updates will be mostly noise. Levers: "
-            + "; ".join(LEVERS) + ".")
+            + "; ".join(LEVERS) + ". The ratio is a worst case, not a forecast: which lever helps depends on the "
+            "data (on both embedded scenarios every parameter trainable beat a frozen encoder: docs/results.md), so "
+            "rehearse them on public data first (fedcap rehearse).")
     return dominated

@@ -31,7 +31,7 @@ def test_fedcap_plan_prints_each_site_and_the_levers(capsys):
     assert main(["plan", "--records", "1170", "360"]) == 0
     out = capsys.readouterr().out
     assert "| 0 | 1170 |" in out and "| 1 | 360 |" in out and "noise dominates" in out
-    assert "warning: at sites [1]" in out and "train fewer parameters" in out
+    assert "warning: at sites [1]" in out and "train fewer parameters" in out and "fedcap rehearse" in out
 
 
 def test_a_simulation_prints_its_sites_plan_before_spending(capsys):
