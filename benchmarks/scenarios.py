@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="(repeatable) default: both")
     p.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default: all): {list(ROWS)} and {CENTRAL!r}")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the block from the JSON; run nothing")
     args = p.parse_args(argv)
     rows = args.rows if args.rows is not None else [*ROWS, CENTRAL]
     for row in rows:
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
             p.error(f"unknown row {row!r}: {list(ROWS)} or {CENTRAL!r}")
     json_path = args.out.with_name(args.out.stem + "-scenarios.json")
     doc = json.loads(json_path.read_text()) if json_path.exists() else {"scenarios": {}}
+    if args.table_only:
+        write(args.out, doc)
+        return 0
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedcap-scenarios-") as tmp:
         home = Path(tmp) / "flwr-home"
@@ -142,13 +146,14 @@ def write(path: Path, doc: dict) -> None:
     lines = [MARKER]
     for scenario, found in doc["scenarios"].items():
         central = found["rows"].get(CENTRAL, {}).get("best")
-        lines += ["", f"**{scenario}** (public checkpoint {Path(found.get('checkpoint', '')).name}; CIDEr-D, server "
-                  "evaluation set, greedy)", "",
+        lines += ["", f"**{scenario}** (public checkpoint .fedcap/pretrained/{Path(found.get('checkpoint', '')).parent.name}"
+                  "; CIDEr-D, server evaluation set, greedy)", "",
                   "| model | rounds (0 = public only) | BEST (round) | last | BEST / centralized | date, commit |",
                   "|---|---|---|---|---|---|"]
         if "public_only" in found:
             lines.append(f"| public only | | {found['public_only']:.3f} (0) | | {_ratio(found['public_only'], central)} | |")
-        for row, r in found["rows"].items():
+        order = [*ROWS, CENTRAL]
+        for row, r in sorted(found["rows"].items(), key=lambda item: order.index(item[0])):
             rounds = " / ".join(f"{s:.3f}" for s in r["scores"]) if row != CENTRAL else ""
             best = f"{r['best']:.3f}" + (f" ({r['best_round']})" if "best_round" in r else "")
             lines.append(f"| {row} | {rounds} | {best} | {r['last']:.3f} | {_ratio(r['best'], central)} | "
