@@ -35,7 +35,7 @@ from shared_model.model.captioner import unwrap
 
 from .flower_runtime import eval_beam_size
 from .progress import Progress
-from .sources import training_data
+from .sources import source_scenario, training_data
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -198,7 +198,8 @@ def run_record(cfg: CentralizedConfig, *, train: int, test: int, vocab: int, noi
     if cfg.dp:
         settings["noise_multiplier"], settings["target_epsilon"] = noise_multiplier, cfg.target_epsilon
     data = {"source": "folders" if cfg.data else cfg.source, "train_records": train, "test_records": test,
-            "vocabulary": cfg.vocab_file or ("embedded" if not cfg.data else "built from the training captions"),
+            "vocabulary": cfg.vocab_file or (f"{source_scenario(cfg.source)} (synthetic_vocabulary)" if not cfg.data
+                                             else "built from the training captions"),
             "vocabulary_size": vocab}
     if cfg.data:
         data.update(folders=cfg.data, format=cfg.data_format)

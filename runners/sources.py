@@ -70,7 +70,7 @@ def training_data(*, source: str, data: str | list[str], data_format: str, train
         return train, test, vocab
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES} (or give a data folder), got {source!r}")
-    scenario = source.removesuffix("-public") if source != "public" else "embedded"
+    scenario = source_scenario(source)
     loader = load_public if source.endswith("public") else (lambda n, **kw: load_embedded("train", n, **kw))
     train = loader(train_size, seed=seed, image_size=image_size, scenario=scenario)
     test = load_embedded("test", test_size, seed=seed, image_size=image_size, scenario=scenario)
@@ -92,3 +92,8 @@ def evaluation_data(data: str | Path, data_format: str, *, image_size: int, spli
         raise FileNotFoundError(f"data folder not found: {root}")
     records = load_dataset_folder(data_format, root, split=split, image_size=image_size)
     return records if limit is None else records.subset(range(min(limit, len(records))))
+
+
+def source_scenario(source: str) -> str:
+    """The data scenario (run-config data-scenario) an embedded source draws from: its vocabulary's."""
+    return source.removesuffix("-public") if source != "public" else "embedded"

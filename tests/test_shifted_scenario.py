@@ -139,6 +139,13 @@ def test_the_scenario_reaches_the_sites_the_server_and_the_centralized_sources()
                                        test_size=20, seed=0, image_size=32)
     assert train.image_ids[0] == "pub-shifted-0-0" and test.image_ids == shifted_test.image_ids
     assert vocab == synthetic_vocabulary("shifted")
+    from runners.centralized import CentralizedConfig, run_record  # what a run's config.json says it used
+
+    from shared_model.model.config import CaptionerConfig
+
+    record = run_record(CentralizedConfig(source="shifted-public"), train=8, test=20, vocab=len(vocab),
+                        noise_multiplier=None, device="cpu", model=CaptionerConfig(vocab_size=len(vocab)))
+    assert record["data"]["vocabulary"] == "shifted (synthetic_vocabulary)"
 
 
 def test_public_pretraining_follows_the_scenario_and_its_cache_key_holds_it(monkeypatch, tmp_path):

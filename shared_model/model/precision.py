@@ -22,7 +22,9 @@ def check_precision(precision: str, *, grad_sample_mode: str = "hooks") -> str:
 
 def resolve_precision(precision: str, device, *, grad_sample_mode: str = "hooks") -> str:
     """"fp32" or "bf16" for `precision` on `device`. "auto": bf16 on a CUDA device that has it, fp32
-    elsewhere (CPU autocast is slower than float32 on most CPUs) and under ghost clipping."""
+    elsewhere and under ghost clipping. On a CPU bf16 stays opt-in: its speed depends on the CPU's
+    bf16 units (the development CPU ran a DP step 9% faster, a whole site round no faster:
+    docs/results.md), and it changes the numbers a site trains with."""
     check_precision(precision, grad_sample_mode=grad_sample_mode)
     if precision != "auto":
         return precision
