@@ -46,7 +46,7 @@ def _common(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from .centralized import CentralizedConfig, run_centralized
 
-    cfg = CentralizedConfig(**_common(args), dp=args.dp, target_epsilon=args.target_epsilon,
+    cfg = CentralizedConfig(**_common(args), source=args.source, dp=args.dp, target_epsilon=args.target_epsilon,
                             noise_multiplier=args.noise_multiplier, target_delta=args.target_delta,
                             max_grad_norm=args.max_grad_norm, grad_sample_mode=args.grad_sample_mode)
     out = args.out or Path("runs") / time.strftime(f"centralized-{'dp' if args.dp else 'nodp'}-%Y%m%d-%H%M%S")
@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="centralized training on the embedded dataset or data folders",
                        formatter_class=HelpFormatter)
     d = CentralizedConfig()  # the one place the centralized defaults live
+    from .sources import SOURCES
+
+    t.add_argument("--source", choices=SOURCES, default=d.source,
+                   help="embedded source when no --data is given (embedded: the sites' data; shifted: the shifted "
+                        "scenario's, its centralized baseline)")
     t.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus)")
     t.add_argument("--target-epsilon", type=float, default=d.target_epsilon,
                    help="with --dp: noise calibrated to reach this over all epochs")
@@ -254,8 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"public variant (default) or --data DIR. Writes an ordinary checkpoint "
                                      f"(weights, config, vocabulary) to start federations from (init-from). "
                                      f"{NO_BUDGET}.", formatter_class=HelpFormatter)
-    from .sources import SOURCES
-
     p = pretrain_config()  # the one place the pretraining defaults live
     pre.add_argument("--source", choices=SOURCES, default=p.source,
                      help="embedded source when no --data is given (public: the public variant; shifted-public: "

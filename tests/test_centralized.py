@@ -125,3 +125,17 @@ def test_every_fedcap_option_with_a_default_shows_it_in_help():
             if action.dest == "beam_size":
                 assert action.default == default_run_config()["eval-beam-size"], name
     assert seen >= 40
+
+
+def test_fedcap_train_takes_a_scenarios_source_and_records_it(tmp_path):
+    """The shifted scenario's centralized baseline from the command line: its records and its vocabulary."""
+    from runners.cli import main
+    from shared_model.data.synthetic import synthetic_vocabulary
+
+    assert main(["train", "--source", "shifted", "--train-size", "40", "--test-size", "8", "--epochs", "1",
+                 "--image-size", "32", "--no-meteor", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["centralized"]["source"] == "shifted" == saved["data"]["source"]
+    assert saved["data"]["vocabulary"] == "shifted (synthetic_vocabulary)"
+    _, vocab, _ = load_checkpoint(tmp_path / "checkpoint")
+    assert vocab == synthetic_vocabulary("shifted") != synthetic_vocabulary()
