@@ -125,13 +125,14 @@ def site_splits(train, *, partitioner, seed, num_sites):
 
 
 def main(argv=None) -> int:
-    from shared_model.data.synthetic import load_embedded, synthetic_vocabulary
+    from shared_model.data.synthetic import SCENARIOS, load_embedded, synthetic_vocabulary
     from shared_model.evaluation.metrics import caption_metrics, trivial_baseline_predictions
     from shared_model.model.captioner import Captioner
     from shared_model.model.checkpoint import load_checkpoint
     from shared_model.model.config import CaptionerConfig
     from runners.centralized import resolve_device
     from runners.pretrain import pretrain_config, run_pretrain
+    from runners.sources import public_source
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the reduced subset (QUICK sizes)")
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int)
     p.add_argument("--sizes", type=json.loads, default={}, help='JSON overrides of the sizes, e.g. \'{"rounds": 2}\'')
     p.add_argument("--meteor", action="store_true", help="also METEOR (Java; slower)")
-    p.add_argument("--scenario", default="embedded", choices=("embedded", "shifted"),
+    p.add_argument("--scenario", default="embedded", choices=SCENARIOS,
                    help="the data scenario (run-config data-scenario): its private splits, public variant, vocabulary")
     p.add_argument("--sites", type=int, default=4, help="federated sites")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             run_pretrain(pretrain_config(train_size=size["public_size"], epochs=size["public_epochs"],
                                                test_size=size["test_size"], seed=seed, device=str(device),
-                                               source="public" if args.scenario == "embedded" else "shifted-public",
+                                               source=public_source(args.scenario),
                                                model={"dropout": 0.0}), Path(state) / f"public-{seed}",
                                log=lambda s: None)
             public_model, _, _ = load_checkpoint(Path(state) / f"public-{seed}" / "checkpoint")

@@ -97,3 +97,9 @@ def evaluation_data(data: str | Path, data_format: str, *, image_size: int, spli
 def source_scenario(source: str) -> str:
     """The data scenario (run-config data-scenario) an embedded source draws from: its vocabulary's."""
     return source.removesuffix("-public") if source != "public" else "embedded"
+
+
+def public_source(scenario: str) -> str:
+    """The embedded source of a data scenario's public variant (what its pretraining reads); the
+    inverse of source_scenario on the public sources."""
+    return "public" if scenario == "embedded" else f"{scenario}-public"

@@ -37,11 +37,11 @@ def pretrain_for(run_config: Mapping[str, Any], *, cache: Path = CACHE, log: Cal
                  **overrides: Any) -> tuple[Path, dict]:
     """(checkpoint, pretraining result) for the model the run config describes; cached."""
     from runners.pretrain import cached_pretrain, pretrain_config
+    from runners.sources import public_source
 
-    scenario = str(run_config["data-scenario"])
     base = {"model": model_overrides(run_config), "seed": int(run_config["seed"]),
             "test_size": int(run_config["server-eval-size"]),
-            "source": "public" if scenario == "embedded" else f"{scenario}-public"}
+            "source": public_source(str(run_config["data-scenario"]))}
     cfg = pretrain_config(**{**base, **overrides})
     return cached_pretrain(cfg, cache, log=log)
 
