@@ -70,8 +70,7 @@ def federated(scenario: str, row: str, checkpoint: Path, out: Path, home: Path) 
     best = int((run_dir / "checkpoints" / "BEST").read_text().strip().split("-")[1])
     scores = [r["CIDEr-D"] for r in rounds]
     return {"scores": scores, "best_round": best, "best": scores[best], "last": scores[-1],
-            "max_site_epsilon": rounds[-1].get("max-site-epsilon"), "seconds": time.perf_counter() - t0,
-            "run_dir": str(run_dir)}
+            "max_site_epsilon": rounds[-1].get("max-site-epsilon"), "seconds": time.perf_counter() - t0}
 
 
 def centralized(scenario: str, rc: dict, checkpoint: Path, out: Path) -> dict:
